@@ -1,0 +1,140 @@
+"""``SpecConfig``: the one validated object every adapter parses into.
+
+Names follow vLLM's ``--speculative-config`` where vLLM has one (``method``,
+``num_speculative_tokens``, ``prompt_lookup_min``/``prompt_lookup_max``, ``model``,
+``acceptance_method``, ``posterior_threshold``, ``posterior_alpha``). Drafter-specific options
+are given flat, as in vLLM, and validated by the chosen drafter's own ``Options`` model, so a
+misspelt option is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from specplug.drafters.base import DrafterOptions
+
+__all__ = ["SpecConfig", "parse_tree_spec"]
+
+
+class SpecConfig(BaseModel):
+    """How to speculate.
+
+    Attributes:
+        method: drafter name (``ngram``, ``draft_model``, ``layer_skip`` or a plugin's).
+        num_speculative_tokens: chain length; the max depth of trees (default 4).
+        tree: ``chain`` | ``static`` (``tree_paths``) | ``dynamic`` (``tree_budget``,
+            ``tree_topk``).
+        tree_paths: static tree as paths of child ranks, e.g. ``[[0], [1], [0, 0]]``.
+        tree_budget: dynamic tree: nodes kept per step (default ``2 * num_speculative_tokens``).
+        tree_topk: dynamic tree: children per expanded node and nodes expanded per depth.
+        acceptance_method: ``rejection_sampler`` (lossless; greedy at temperature 0) or
+            ``typical_acceptance_sampler`` (Medusa's typical acceptance: LOSSY, opt-in).
+        posterior_threshold, posterior_alpha: typical acceptance parameters.
+        Any other key: an option of the chosen drafter (see ``docs/configuration.md``).
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    method: str
+    num_speculative_tokens: int = Field(4, ge=1, le=64)
+    tree: Literal["chain", "static", "dynamic"] = "chain"
+    tree_paths: list[list[int]] | None = None
+    tree_budget: int | None = Field(None, ge=1, le=512)
+    tree_topk: int = Field(4, ge=1, le=64)
+    acceptance_method: Literal["rejection_sampler", "typical_acceptance_sampler"] = (
+        "rejection_sampler"
+    )
+    posterior_threshold: float = Field(0.09, gt=0.0, le=1.0)
+    posterior_alpha: float = Field(0.3, gt=0.0, le=1.0)
+
+    _options: DrafterOptions | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check(self) -> SpecConfig:
+        from specplug.plugins import get_registry
+        from specplug.tree import parse_static_paths
+
+        drafter_cls = get_registry().drafter(self.method)
+        if self.tree == "static":
+            if self.tree_paths is None:
+                raise ValueError("tree='static' needs tree_paths, e.g. [[0], [1], [0, 0]]")
+            parse_static_paths(self.tree_paths)
+        elif self.tree_paths is not None:
+            raise ValueError(f"tree_paths is only used with tree='static' (tree={self.tree!r})")
+        if self.tree != "dynamic" and self.tree_budget is not None:
+            raise ValueError(f"tree_budget is only used with tree='dynamic' (tree={self.tree!r})")
+        extras = dict(self.model_extra or {})
+        try:
+            self._options = drafter_cls.Options(**extras)
+        except ValidationError as err:
+            allowed = ", ".join(drafter_cls.Options.model_fields) or "(none)"
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()
+            )
+            raise ValueError(
+                f"invalid option for drafter {self.method!r}: {problems}. "
+                f"Options of {self.method!r}: {allowed}"
+            ) from None
+        return self
+
+    @property
+    def drafter_options(self) -> DrafterOptions:
+        assert self._options is not None
+        return self._options
+
+    @property
+    def max_depth(self) -> int:
+        if self.tree == "static":
+            assert self.tree_paths is not None
+            return max(len(p) for p in self.tree_paths)
+        return self.num_speculative_tokens
+
+    @classmethod
+    def from_cli(cls, method: str, num_speculative_tokens: int | None = None,
+                 tree: str | None = None, options: dict[str, Any] | None = None) -> SpecConfig:
+        """Build from CLI-style strings: ``--tree dynamic:budget=16,topk=4``."""
+        kw: dict[str, Any] = {"method": method, **(options or {})}
+        if num_speculative_tokens is not None:
+            kw["num_speculative_tokens"] = num_speculative_tokens
+        if tree:
+            kw.update(parse_tree_spec(tree))
+        return cls(**kw)
+
+
+def parse_tree_spec(spec: str) -> dict[str, Any]:
+    """``chain`` | ``static:[[0],[1],[0,0]]`` | ``dynamic[:budget=16,topk=4]`` -> config keys.
+
+    Raises:
+        ValueError: naming the bad part and the accepted forms.
+    """
+    forms = "chain | static:[[0],[1],[0,0]] | dynamic:budget=16,topk=4"
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip()
+    if kind == "chain" and not rest:
+        return {"tree": "chain"}
+    if kind == "static":
+        try:
+            paths = json.loads(rest)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"invalid static tree spec {rest!r} ({err}); forms: {forms}") from None
+        if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
+            raise ValueError(f"static tree spec must be a JSON list of lists; forms: {forms}")
+        return {"tree": "static", "tree_paths": paths}
+    if kind == "dynamic":
+        out: dict[str, Any] = {"tree": "dynamic"}
+        for part in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, val = part.partition("=")
+            if not eq or key not in ("budget", "topk", "depth"):
+                raise ValueError(f"invalid dynamic tree option {part!r}; use budget=, topk=, "
+                                 f"depth=; forms: {forms}")
+            try:
+                num = int(val)
+            except ValueError:
+                raise ValueError(f"dynamic tree option {key} must be an integer, got {val!r}") \
+                    from None
+            out["num_speculative_tokens" if key == "depth" else f"tree_{key}"] = num
+        return out
+    raise ValueError(f"invalid tree spec {spec!r}; forms: {forms}")

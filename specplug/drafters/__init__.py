@@ -1,0 +1,1 @@
+"""Built-in drafters; each module registers its drafter through the plugin hooks."""

@@ -1,0 +1,144 @@
+"""The drafter contract.
+
+A drafter answers one question, batched over rows: *given these tree nodes, which children
+would you propose, how likely is each, and (if you are a probabilistic drafter) from which
+distribution*. Tree builders (``specplug.tree``) decide which nodes to ask about and which
+children to keep under a budget, so every drafter works with every tree shape.
+
+Per step the engine calls ``begin`` (one root per row: the last committed token), then the tree
+builder calls ``expand`` once per depth, then the engine calls ``observe`` with what the target
+accepted. A drafter never decides what is emitted: the verifier does, so no drafter can change
+the output.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from specplug.sampling import SamplingParams
+
+__all__ = [
+    "Candidates",
+    "DraftContext",
+    "Drafter",
+    "DrafterOptions",
+    "FrontierItem",
+    "StepOutcome",
+]
+
+
+class DrafterOptions(BaseModel):
+    """Base of every drafter's options model; unknown options are errors."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+
+
+@dataclass
+class DraftContext:
+    """What a drafter sees at the start of a step.
+
+    Attributes:
+        tokens: per row, every committed token (prompt without padding, then generated);
+            the last one is the tree's root: committed, but not yet scored by the target.
+        active: per row, False once the row has finished (its tree must stay empty).
+        sampling: the target's sampling parameters.
+        generator: the step's random generator (drafters that sample use it).
+        target_hidden: ``[B, H]`` the target's last-layer hidden state at the position that
+            produced the root token, when the drafter asked for hidden states (else None).
+    """
+
+    tokens: list[list[int]]
+    active: list[bool]
+    sampling: SamplingParams
+    generator: torch.Generator | None = None
+    target_hidden: torch.Tensor | None = None
+
+
+@dataclass
+class FrontierItem:
+    """A tree node whose children the builder asks for: the drafter's handle and the token."""
+
+    handle: Any
+    token: int
+
+
+@dataclass
+class Candidates:
+    """Children a drafter proposes for one frontier node, best first.
+
+    Attributes:
+        tokens: candidate child tokens, ranked (may be fewer than asked, or none).
+        probs: the drafter's probability of each candidate (used for ranking and dynamic
+            trees; deterministic drafters may give confidences).
+        handles: per candidate, the drafter state to hand back when that child is expanded.
+        dist: ``[V]`` float32 full draft distribution at this node, for drafters that can
+            sample; None for deterministic drafters (verified as one-hot drafts).
+        shared_handle: handle for a child sampled from ``dist`` (any token).
+    """
+
+    tokens: list[int]
+    probs: list[float]
+    handles: list[Any]
+    dist: torch.Tensor | None = None
+    shared_handle: Any = None
+
+
+EMPTY = Candidates(tokens=[], probs=[], handles=[])
+
+
+@dataclass
+class StepOutcome:
+    """What the verifier decided for one step, per row.
+
+    Attributes:
+        accepted: the draft tokens accepted, in path order (may be empty).
+        bonus: the token the target chose after the accepted path (the next root), or None
+            for a row that finished inside this step.
+        tokens: every committed token of the row after this step (prompt included).
+    """
+
+    accepted: list[list[int]]
+    bonus: list[int | None]
+    tokens: list[list[int]]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Drafter(ABC):
+    """Base class of all drafters; see the module docstring for the call order."""
+
+    #: registry name (set by each drafter family)
+    name: ClassVar[str] = ""
+    #: the pydantic model that validates this drafter's options
+    Options: ClassVar[type[DrafterOptions]] = DrafterOptions
+    #: True if ``expand`` gives full distributions (exact sampling uses them)
+    probabilistic: ClassVar[bool] = False
+    #: True if the drafter needs the target's hidden states in ``DraftContext``
+    needs_target_hidden: ClassVar[bool] = False
+
+    def __init__(self, options: DrafterOptions | None = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def from_config(cls, config: Any, target: Any = None) -> Drafter:
+        """Build from a ``SpecConfig`` (``target``: the target model, for drafters that
+        share or inspect it)."""
+        return cls(config.drafter_options)
+
+    def start(self, prompts: list[list[int]]) -> None:  # noqa: B027 - optional hook
+        """A new generation begins with these (pad-free) prompts. Resets per-request state."""
+
+    @abstractmethod
+    def begin(self, ctx: DraftContext) -> list[Any]:
+        """Start a step; return the root handle of each row (ignored for inactive rows)."""
+
+    @abstractmethod
+    def expand(self, frontier: list[list[FrontierItem]], k: int) -> list[list[Candidates]]:
+        """Propose up to ``k`` children for each frontier node of each row (one call per depth)."""
+
+    def observe(self, outcome: StepOutcome) -> None:  # noqa: B027 - optional hook
+        """Learn what was accepted: advance caches, update tables, adapt."""

@@ -1,0 +1,130 @@
+"""Shared machinery of drafters that run a causal LM (a draft model, or part of the target).
+
+The drafter keeps its own ``ModelRunner`` cache. Each step it first feeds the committed tokens
+it has not seen (the last step's accepted leaves and bonus token, at least the root), then
+scores tree nodes depth by depth as the builder asks. After verification it keeps the cache
+entries of the accepted nodes it scored and drops the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem, StepOutcome
+from specplug.runner import ModelRunner
+from specplug.sampling import SamplingParams, probs_from_logits
+
+_ROOT = object()
+
+
+def check_vocab(draft_vocab: int, target_vocab: int, what: str) -> None:
+    if draft_vocab != target_vocab:
+        raise ValueError(
+            f"vocabulary mismatch: {what} has {draft_vocab} output tokens but the target has "
+            f"{target_vocab}; a drafter must share the target's tokenizer and vocabulary"
+        )
+
+
+def output_vocab(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+class ModelDrafter(Drafter):
+    """Base of ``draft_model`` and ``layer_skip``; subclasses provide ``self.model``."""
+
+    probabilistic = True
+
+    def __init__(self, options: Any, model: Any, capacity: int = 1024):
+        super().__init__(options)
+        self.model = model
+        self.runner = ModelRunner(model, capacity=capacity)
+        self.sampling = SamplingParams()
+        self.cached: list[int] = []
+        self.started = False
+
+    def start(self, prompts: list[list[int]]) -> None:
+        self.started = False
+        self.cached = [0] * len(prompts)
+
+    def begin(self, ctx: DraftContext) -> list[Any]:
+        self.sampling = ctx.sampling
+        B = len(ctx.tokens)
+        if not self.started:
+            L = max(len(t) for t in ctx.tokens)
+            ids = torch.zeros(B, L, dtype=torch.long)
+            mask = torch.zeros(B, L, dtype=torch.long)
+            for b, t in enumerate(ctx.tokens):
+                ids[b, L - len(t):] = torch.tensor(t)
+                mask[b, L - len(t):] = 1
+            self.root_logits = self.runner.prefill(ids, mask).logits[:, -1]
+            self.cached = [len(t) for t in ctx.tokens]
+            self.started = True
+        else:
+            pending = [t[c:] for t, c in zip(ctx.tokens, self.cached)]
+            out = self.runner.extend(pending)
+            last = torch.tensor([max(len(p) - 1, 0) for p in pending])
+            self.root_logits = out.logits[torch.arange(B), last]
+            self.cached = [c + len(p) for c, p in zip(self.cached, pending)]
+        self.child_slot: list[dict[tuple[int, int], int]] = [{} for _ in range(B)]
+        self.spec_size = 0
+        return [_ROOT] * B
+
+    def _candidates(self, logits: torch.Tensor, k: int, handle: int) -> Candidates:
+        if self.sampling.greedy:
+            probs = logits.float().softmax(-1)
+            dist = None
+        else:
+            probs = dist = probs_from_logits(logits, self.sampling)
+        top = torch.topk(probs, min(k, probs.shape[-1]))
+        return Candidates(tokens=top.indices.tolist(), probs=top.values.tolist(),
+                          handles=[handle] * len(top.indices), dist=dist, shared_handle=handle)
+
+    def expand(self, frontier: list[list[FrontierItem]], k: int) -> list[list[Candidates]]:
+        B = len(frontier)
+        todo = [[it for it in row if it.handle is not _ROOT] for row in frontier]
+        n = max((len(r) for r in todo), default=0)
+        logits = slots = None
+        if n:
+            tokens = torch.zeros(B, n, dtype=torch.long)
+            parents = torch.full((B, n), -1, dtype=torch.long)
+            real = torch.zeros(B, n, dtype=torch.bool)
+            for b, row in enumerate(todo):
+                for j, it in enumerate(row):
+                    tokens[b, j], parents[b, j], real[b, j] = it.token, it.handle, True
+            logits = self.runner.append(tokens, parents, real).logits
+            slots = self.spec_size
+            self.spec_size += n
+        out: list[list[Candidates]] = []
+        for b, row in enumerate(frontier):
+            cands, j = [], 0
+            for it in row:
+                if it.handle is _ROOT:
+                    cands.append(self._candidates(self.root_logits[b], k, -1))
+                    continue
+                slot = slots + j
+                self.child_slot[b][(it.handle, it.token)] = slot
+                cands.append(self._candidates(logits[b, j], k, slot))
+                j += 1
+            out.append(cands)
+        return out
+
+    def observe(self, outcome: StepOutcome) -> None:
+        B = len(outcome.accepted)
+        keep = []
+        for b in range(B):
+            path, parent = [], -1
+            for t in outcome.accepted[b]:
+                slot = self.child_slot[b].get((parent, t))
+                if slot is None:
+                    break
+                path.append(slot)
+                parent = slot
+            keep.append(path)
+        K = max((len(p) for p in keep), default=0)
+        idx = torch.zeros(B, K, dtype=torch.long)
+        for b, p in enumerate(keep):
+            idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self.runner.commit(idx, torch.tensor([len(p) for p in keep], dtype=torch.long))
+        self.cached = [c + len(p) for c, p in zip(self.cached, keep)]

@@ -1,0 +1,251 @@
+"""The decode loop: draft -> build tree -> score -> verify -> commit, over a ``TargetRunner``.
+
+Kept small on purpose (in the spirit of gpt-fast): everything model- or framework-specific
+lives behind ``TargetRunner`` and ``Drafter``; everything about trees lives in
+``specplug.tree``; acceptance lives in ``specplug.verify``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from specplug.config import SpecConfig
+from specplug.drafters.base import DraftContext, Drafter, StepOutcome
+from specplug.plugins import get_plugin_manager, get_registry
+from specplug.runner import ModelRunner, RunnerOutput
+from specplug.sampling import SamplingParams, sample_tokens
+from specplug.tree import DraftTree, TreeBuilder, TreeLayout
+from specplug.verify import VerifyResult
+
+__all__ = [
+    "GenerationOutput",
+    "GenerationStats",
+    "ModelTargetRunner",
+    "Speculator",
+    "StepStats",
+    "TargetRunner",
+    "speculative_generate",
+]
+
+
+class TargetRunner(Protocol):
+    """What the engine needs from the target model (an adapter implements it)."""
+
+    vocab_size: int
+    max_context: int | None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RunnerOutput:
+        """Left-padded prompts ``[B, L]`` -> logits ``[B, 1, V]`` at the last position."""
+
+    def score(self, roots: torch.Tensor, tree: DraftTree, layout: TreeLayout) -> RunnerOutput:
+        """``roots [B]`` (last committed tokens, not yet in the cache) and the tree ->
+        logits ``[B, N + 1, V]``: index 0 scores the root, index i + 1 node i."""
+
+    def commit(self, result: VerifyResult) -> None:
+        """Keep the root and accepted nodes in the cache; drop the rest."""
+
+
+class ModelTargetRunner:
+    """``TargetRunner`` over an HF-style causal LM, through ``ModelRunner``."""
+
+    def __init__(self, model: Any, output_hidden: bool = False, capacity: int = 1024):
+        self.runner = ModelRunner(model, capacity=capacity, output_hidden=output_hidden)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_context = getattr(cfg, "max_position_embeddings", None)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RunnerOutput:
+        return self.runner.prefill(input_ids, attention_mask)
+
+    def score(self, roots: torch.Tensor, tree: DraftTree, layout: TreeLayout) -> RunnerOutput:
+        B = roots.shape[0]
+        tokens = torch.cat([roots[:, None], tree.tokens], 1)
+        parents = torch.cat([torch.full((B, 1), -1, dtype=torch.long), tree.parents + 1], 1)
+        real = torch.cat([torch.ones(B, 1, dtype=torch.bool), layout.real], 1)
+        return self.runner.append(tokens, parents, real)
+
+    def commit(self, result: VerifyResult) -> None:
+        B = result.num_accepted.shape[0]
+        keep = torch.cat([torch.zeros(B, 1, dtype=torch.long), result.accepted_nodes + 1], 1)
+        self.runner.commit(keep, result.num_accepted + 1)
+
+
+@dataclass
+class StepStats:
+    """Passed to the ``specplug_on_step`` hook after every verification step."""
+
+    step: int
+    num_nodes: list[int]
+    accepted: list[int]
+    active: list[bool]
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generation (per row where it says so)."""
+
+    target_forwards: int = 0
+    accepted_per_step: list[list[int]] = field(default_factory=list)  # per row
+    draft_nodes_per_step: list[list[int]] = field(default_factory=list)  # per row
+    wall_time_s: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return max((len(r) for r in self.accepted_per_step), default=0)
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens emitted per target forward (accepted draft tokens + the bonus token),
+        averaged over rows and decode steps; 1.0 means speculation never helped."""
+        n = sum(len(r) for r in self.accepted_per_step)
+        return (sum(sum(r) for r in self.accepted_per_step) + n) / n if n else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / drafted depth-path tokens, over all steps."""
+        drafted = sum(sum(r) for r in self.draft_nodes_per_step)
+        acc = sum(sum(r) for r in self.accepted_per_step)
+        return acc / drafted if drafted else 0.0
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences``: per row, the new tokens (ending at EOS or a stop string if hit)."""
+
+    sequences: list[list[int]]
+    stats: GenerationStats
+
+
+@dataclass
+class Speculator:
+    """A configured drafter + tree builder + verifier, built from a ``SpecConfig``."""
+
+    config: SpecConfig
+    drafter: Drafter
+    builder: TreeBuilder
+    verifier: Callable[..., VerifyResult]
+
+    @classmethod
+    def from_config(cls, config: SpecConfig, target: Any = None) -> Speculator:
+        reg = get_registry()
+        drafter = reg.drafter(config.method).from_config(config, target)
+        builder = reg.tree_builders[config.tree](config)
+        verifier = reg.verifiers[config.acceptance_method]
+        return cls(config, drafter, builder, verifier)
+
+
+def _finish_row(new: list[int], cand: list[int], max_new: int, eos: set[int],
+                stop: Callable[[list[int]], bool] | None) -> tuple[list[int], bool]:
+    """Append ``cand`` to ``new`` token by token; stop at EOS, a stop string or max_new."""
+    added = []
+    for t in cand:
+        added.append(t)
+        if len(new) + len(added) >= max_new or t in eos or (stop and stop(new + added)):
+            return added, True
+    return added, False
+
+
+def speculative_generate(
+    runner: TargetRunner,
+    speculator: Speculator,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    eos_token_ids: Sequence[int] = (),
+    stop: Callable[[list[int]], bool] | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Generate up to ``max_new_tokens`` per row with speculation; output equals the target's
+    own decoding (token-identical when greedy, identically distributed when sampling).
+
+    Args:
+        input_ids: ``[B, L]`` left-padded prompts.
+        attention_mask: ``[B, L]`` (1 = real token).
+        stop: called with a row's new tokens after each one; True stops the row there.
+    """
+    sampling = sampling or SamplingParams()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError("input_ids must be a non-empty [batch, length] tensor (empty prompt?)")
+    B, L = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if bool((attention_mask.sum(-1) == 0).any()):
+        raise ValueError("empty prompt: every row needs at least one token")
+    limit = runner.max_context
+    depth_max = speculator.builder.max_depth
+    if limit is not None and L + max_new_tokens + depth_max > limit:
+        raise ValueError(
+            f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) + draft depth "
+            f"({depth_max}) exceeds the model's context of {limit} tokens; shorten the prompt "
+            "or lower max_new_tokens"
+        )
+    drafter, builder = speculator.drafter, speculator.builder
+    hook = get_plugin_manager().hook.specplug_on_step
+    eos = set(int(e) for e in eos_token_ids)
+    stats = GenerationStats(accepted_per_step=[[] for _ in range(B)],
+                            draft_nodes_per_step=[[] for _ in range(B)])
+    t0 = time.perf_counter()
+
+    out = runner.prefill(input_ids, attention_mask)
+    stats.target_forwards += 1
+    am = attention_mask.bool()
+    tokens = [input_ids[b][am[b]].tolist() for b in range(B)]
+    drafter.start([list(t) for t in tokens])
+    first = sample_tokens(out.logits[:, -1], sampling, generator).tolist()
+    new: list[list[int]] = [[] for _ in range(B)]
+    active = [True] * B
+    for b in range(B):
+        added, done = _finish_row(new[b], [first[b]], max_new_tokens, eos, stop)
+        new[b] += added
+        tokens[b] += added
+        active[b] = not done
+    hidden = out.hidden[:, -1] if out.hidden is not None else None
+
+    step = 0
+    while any(active):
+        ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
+                           generator=generator, target_hidden=hidden)
+        limits = [max_new_tokens - len(new[b]) - 1 if active[b] else 0 for b in range(B)]
+        built = builder.build(drafter, ctx, limits, runner.vocab_size)
+        tree = built.tree
+        layout = TreeLayout.from_tree(tree)
+        roots = torch.tensor([t[-1] for t in tokens], dtype=torch.long)
+        scored = runner.score(roots, tree, layout)
+        stats.target_forwards += 1
+        result = speculator.verifier(tree, scored.logits, sampling, generator, layout,
+                                     speculator.config)
+        runner.commit(result)
+        proposed = result.new_tokens(tree)
+        accepted_out: list[list[int]] = [[] for _ in range(B)]
+        bonus_out: list[int | None] = [None] * B
+        for b in range(B):
+            if not active[b]:
+                continue
+            added, done = _finish_row(new[b], proposed[b], max_new_tokens, eos, stop)
+            new[b] += added
+            tokens[b] += added
+            stats.accepted_per_step[b].append(len(added) - 1)
+            stats.draft_nodes_per_step[b].append(int(layout.depth[b].max()) if
+                                                 int(tree.num_nodes[b]) else 0)
+            accepted_out[b], bonus_out[b] = added[:-1], added[-1]
+            active[b] = not done
+        if scored.hidden is not None:
+            n_acc = result.num_accepted
+            last = result.accepted_nodes.gather(1, (n_acc - 1).clamp(min=0)[:, None])[:, 0]
+            hidden = scored.hidden[torch.arange(B), torch.where(n_acc > 0, last + 1, 0)]
+        drafter.observe(StepOutcome(accepted=accepted_out, bonus=bonus_out, tokens=tokens))
+        hook(stats=StepStats(step=step, num_nodes=tree.num_nodes.tolist(),
+                             accepted=result.num_accepted.tolist(), active=list(active)))
+        step += 1
+    stats.wall_time_s = time.perf_counter() - t0
+    return GenerationOutput(sequences=new, stats=stats)

@@ -1,0 +1,271 @@
+"""Run an HF-style causal LM over token trees with a compactable KV cache (torch only).
+
+``ModelRunner`` drives any model with the transformers calling convention
+(``model(input_ids, attention_mask, position_ids, past_key_values, use_cache)``) without
+importing transformers: it passes its own 4-D boolean masks (a dict per layer type for models
+that mix full and sliding-window layers, as Gemma 3 does) and its own cache object, duck-typed
+to the two methods transformers' attention layers call (``update`` and ``get_seq_length``).
+
+Cache layout, per layer: ``[B, H_kv, capacity, D]`` buffers. Slots ``[0, committed)`` hold
+committed tokens; a row may have *holes* (slots marked invalid) where another row accepted
+more tokens in the same step. Slots ``[committed, length)`` are the speculative region of the
+current step: tree nodes that see their ancestors only. ``commit(keep)`` moves each row's kept
+speculative slots, in order, to the end of its committed region and drops the rest.
+
+Positions follow transformers' conventions with left padding: a token's *virtual index* counts
+the pads before it (what the sliding window compares, as ``generate`` does), and its position id
+does not (``cumsum(attention_mask) - 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ModelRunner", "RunnerOutput", "TreeKVCache"]
+
+
+class TreeKVCache:
+    """Preallocated per-layer K/V buffers; see the module docstring for the layout."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.write_at = 0  # first slot of the block the current forward writes
+
+    # --- the interface transformers' attention layers call -------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[-2]
+        end = self.write_at + n
+        k, v = self.keys.get(layer_idx), self.values.get(layer_idx)
+        if k is None or end > k.shape[-2]:
+            k, v = self._grow(layer_idx, key_states, value_states, end)
+        k[:, :, self.write_at:end] = key_states
+        v[:, :, self.write_at:end] = value_states
+        return k[:, :, :end], v[:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.write_at
+
+    # --- our own operations ---------------------------------------------------------------
+    def _grow(self, layer_idx: int, ks: torch.Tensor, vs: torch.Tensor, need: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        old_k, old_v = self.keys.get(layer_idx), self.values.get(layer_idx)
+        cap = max(self.capacity, need, 2 * (old_k.shape[-2] if old_k is not None else 0))
+        B, H, _, Dk = ks.shape
+        new_k = ks.new_zeros(B, H, cap, Dk)
+        new_v = vs.new_zeros(B, H, cap, vs.shape[-1])
+        if old_k is not None:
+            new_k[:, :, : self.write_at] = old_k[:, :, : self.write_at]
+            new_v[:, :, : self.write_at] = old_v[:, :, : self.write_at]
+        self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
+        return new_k, new_v
+
+    def move(self, dst: int, src: torch.Tensor) -> None:
+        """Per row, copy slots ``src[b, j]`` to slot ``dst + j``. ``src``: ``[B, K]`` int64,
+        every ``src[b, j] >= dst + j`` (compaction only moves entries left)."""
+        K = src.shape[1]
+        if K == 0:
+            return
+        for layer in self.keys:
+            for buf in (self.keys[layer], self.values[layer]):
+                B, H, _, D = buf.shape
+                idx = src[:, None, :, None].expand(B, H, K, D)
+                buf[:, :, dst:dst + K] = torch.gather(buf, 2, idx)
+
+
+@dataclass
+class RunnerOutput:
+    """Logits ``[B, n, V]`` (float32) and, when asked for, last-layer hidden ``[B, n, H]``."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None
+
+
+def _mask_windows(config: Any) -> tuple[list[str] | None, dict[str, int | None]]:
+    """Which masks the model wants: ``(layer-type keys or None, window per key)``."""
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        kinds = sorted(set(layer_types))
+        unknown = [k for k in kinds if k not in ("full_attention", "sliding_attention")]
+        if unknown:
+            raise NotImplementedError(f"attention layer types {unknown} are not supported yet")
+        return kinds, {"full_attention": None, "sliding_attention": window}
+    if window is not None and getattr(config, "use_sliding_window", True) and not layer_types:
+        return None, {"single": window}
+    return None, {"single": None}
+
+
+class ModelRunner:
+    """Prefill, tree-append and commit over one model and one ``TreeKVCache``.
+
+    Args:
+        model: an HF-style causal LM (``transformers`` calling convention).
+        capacity: initial cache slots (grows by doubling when exceeded).
+        output_hidden: also return last-layer hidden states.
+    """
+
+    def __init__(self, model: Any, capacity: int = 1024, output_hidden: bool = False):
+        self.model = model
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.layer_kinds, self.windows = _mask_windows(text)
+        self.output_hidden = output_hidden
+        self.capacity = capacity
+        self.device = next(model.parameters()).device
+        self.reset(1)
+
+    # --- state ------------------------------------------------------------------------------
+    def reset(self, batch_size: int) -> None:
+        self.cache = TreeKVCache(self.capacity)
+        self.batch_size = batch_size
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool)   # [B, slots]
+        self.vidx = torch.zeros(batch_size, 0, dtype=torch.long)     # [B, slots] virtual index
+        self.committed = 0                                           # committed slots
+        self.vlen = torch.zeros(batch_size, dtype=torch.long)        # [B] next virtual index
+        self.pads = torch.zeros(batch_size, dtype=torch.long)        # [B] left pads
+        self._reset_spec()
+
+    def _reset_spec(self) -> None:
+        B = self.batch_size
+        self.spec_anc = torch.zeros(B, 0, 0, dtype=torch.bool)  # [B, S, S] incl. self
+        self.spec_depth = torch.zeros(B, 0, dtype=torch.long)   # [B, S]
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    # --- forward ---------------------------------------------------------------------------
+    def _masks(self, visible: torch.Tensor, q_vidx: torch.Tensor, k_vidx: torch.Tensor
+               ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``visible [B, n, L]`` -> 4-D mask(s) ``[B, 1, n, L]`` with each kind's window."""
+        out: dict[str, torch.Tensor] = {}
+        for kind, window in self.windows.items():
+            m = visible
+            if window is not None:
+                m = m & ((q_vidx[:, :, None] - k_vidx[:, None, :]) < window)
+            out[kind] = m[:, None]
+        return out["single"] if self.layer_kinds is None else out
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 mask: torch.Tensor | dict[str, torch.Tensor], logits_to_keep: int = 0
+                 ) -> RunnerOutput:
+        self.cache.write_at = self.length - input_ids.shape[1]
+        kwargs: dict[str, Any] = {}
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask,
+                         position_ids=position_ids.to(self.device), past_key_values=self.cache,
+                         use_cache=True, output_hidden_states=self.output_hidden, **kwargs)
+        hidden = out.hidden_states[-1] if self.output_hidden else None
+        if hidden is not None and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return RunnerOutput(logits=out.logits.float(), hidden=hidden)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> RunnerOutput:
+        """Encode left-padded prompts ``[B, L]``; returns the last position ``[B, 1, V]``."""
+        B, L = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.long)
+        am = attention_mask.to(torch.bool).cpu()
+        if L == 0 or not bool(am[:, -1].all()):
+            raise ValueError("prompts must be non-empty and left-padded (tokenizer "
+                             "padding_side='left'): the last position of every row must be real")
+        if bool((am[:, 1:].long() < am[:, :-1].long()).any()):
+            raise ValueError("prompts must be left-padded: found padding after real tokens")
+        self.reset(B)
+        self.valid = am.clone()
+        self.vidx = torch.arange(L).expand(B, L).clone()
+        self.pads = (~am).sum(-1)
+        self.vlen = torch.full((B,), L, dtype=torch.long)
+        self.committed = L
+        pos = (self.vidx - self.pads[:, None]).clamp(min=0)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        visible = (causal[None] & am[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]
+        return self._forward(input_ids, pos, self._masks(visible, self.vidx, self.vidx), 1)
+
+    @torch.inference_mode()
+    def append(self, tokens: torch.Tensor, parents: torch.Tensor, real: torch.Tensor
+               ) -> RunnerOutput:
+        """Score new speculative nodes.
+
+        Args:
+            tokens: ``[B, n]`` int64.
+            parents: ``[B, n]`` int64 index into the speculative region (earlier nodes,
+                including ones in this call), or -1 to follow the committed tokens.
+            real: ``[B, n]`` bool; padding nodes see only themselves.
+        Returns:
+            logits ``[B, n, V]`` (and hidden ``[B, n, H]``).
+        """
+        B, n = tokens.shape
+        S = self.spec_depth.shape[1]
+        anc = torch.zeros(B, S + n, S + n, dtype=torch.bool)
+        anc[:, :S, :S] = self.spec_anc
+        depth = torch.cat([self.spec_depth, torch.zeros(B, n, dtype=torch.long)], 1)
+        new = torch.arange(S, S + n)
+        anc[:, new, new] = True
+        has_parent = real & (parents >= 0)
+        pidx = parents.clamp(min=0)
+        # parents precede children, so one pass in node order settles depth and ancestry
+        for i in range(n):
+            hp = has_parent[:, i]
+            if hp.any():
+                p = pidx[:, i]
+                rows = hp.nonzero(as_tuple=True)[0]
+                anc[rows, S + i] |= anc[rows, p[rows]]
+                depth[rows, S + i] = depth[rows, p[rows]] + 1
+        self.spec_anc, self.spec_depth = anc, depth
+        q_vidx = self.vlen[:, None] + depth[:, S:]
+        self.valid = torch.cat([self.valid, torch.zeros(B, n, dtype=torch.bool)], 1)
+        self.vidx = torch.cat([self.vidx, q_vidx], 1)
+        committed = self.valid[:, None, : self.committed].expand(B, n, self.committed)
+        visible = torch.cat([committed, anc[:, S:, :]], 2)
+        visible[:, :, : self.committed] &= real[:, :, None]
+        pos = q_vidx - self.pads[:, None]
+        return self._forward(tokens, pos, self._masks(visible, q_vidx, self.vidx))
+
+    @torch.inference_mode()
+    def commit(self, keep: torch.Tensor, num_keep: torch.Tensor) -> None:
+        """Keep speculative nodes ``keep[b, :num_keep[b]]`` (in path order) and drop the rest.
+
+        Args:
+            keep: ``[B, K]`` int64 indices into the speculative region (padding ignored).
+            num_keep: ``[B]`` int64.
+        """
+        B = self.batch_size
+        K = int(num_keep.max()) if num_keep.numel() else 0
+        keep = keep[:, :K]
+        used = torch.arange(K)[None, :] < num_keep[:, None]
+        src = self.committed + torch.where(used, keep, 0)
+        self.cache.move(self.committed, src)
+        base = self.committed
+        new_vidx = self.vidx.gather(1, src)
+        self.valid = torch.cat([self.valid[:, :base], used], 1)
+        self.vidx = torch.cat([self.vidx[:, :base], new_vidx], 1)
+        self.committed = base + K
+        self.vlen = self.vlen + num_keep
+        self._reset_spec()
+        del B
+
+    def extend(self, tokens: list[list[int]]) -> RunnerOutput:
+        """Append committed tokens (ragged per row) and commit them all; returns the logits
+        ``[B, n, V]`` of the block (row b's last real token at ``len(tokens[b]) - 1``)."""
+        B = self.batch_size
+        n = max(len(t) for t in tokens)
+        ids = torch.zeros(B, n, dtype=torch.long)
+        real = torch.zeros(B, n, dtype=torch.bool)
+        for b, t in enumerate(tokens):
+            ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+            real[b, : len(t)] = True
+        parents = torch.arange(-1, n - 1).expand(B, n)
+        out = self.append(ids, parents, real)
+        counts = real.sum(-1)
+        self.commit(torch.arange(n).expand(B, n), counts)
+        return out

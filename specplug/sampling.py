@@ -1,0 +1,96 @@
+"""Sampling parameters and the target's warped distribution.
+
+The warping reproduces Hugging Face's own logits warpers in their order (temperature, then
+top-k, then top-p, each keeping at least one token), so that exact speculative sampling draws
+from precisely the distribution the target's plain ``generate(do_sample=True)`` would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingParams", "warp_logits", "probs_from_logits", "sample_tokens"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target samples. ``temperature == 0`` means greedy decoding.
+
+    Attributes:
+        temperature: 0 for greedy; otherwise logits are divided by it.
+        top_k: keep the k most probable tokens (0 disables).
+        top_p: keep the smallest set whose probability reaches ``top_p`` (1.0 disables).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Apply temperature, top-k and top-p exactly as transformers' warpers do.
+
+    Args:
+        logits: ``[..., V]`` raw logits.
+    Returns:
+        ``[..., V]`` float32 logits with filtered entries set to ``-inf``.
+    """
+    scores = logits.float()
+    if params.temperature not in (0.0, 1.0):
+        scores = scores / params.temperature
+    vocab = scores.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= (1.0 - params.top_p)
+        remove_sorted[..., -1:] = False  # min_tokens_to_keep = 1
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``[..., V]`` logits -> ``[..., V]`` float32 probabilities of the warped distribution.
+
+    Raises:
+        FloatingPointError: if the logits hold NaN (a broken model or drafter); a NaN would
+            otherwise turn silently into arbitrary tokens.
+    """
+    if torch.isnan(logits).any():
+        raise FloatingPointError(
+            "NaN in logits: the model or drafter produced NaN scores; check its weights and dtype "
+            "(float16 on CPU overflows easily; use float32 or bfloat16)"
+        )
+    if params.greedy:
+        idx = logits.argmax(dim=-1, keepdim=True)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, idx, 1.0)
+    return warp_logits(logits, params).softmax(dim=-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Draw one token per row. ``logits [B, V]`` -> ``[B]`` int64 (argmax when greedy)."""
+    if params.greedy:
+        if torch.isnan(logits).any():
+            probs_from_logits(logits, params)  # raises the NaN error
+        return logits.argmax(dim=-1)
+    probs = probs_from_logits(logits, params)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
