@@ -140,13 +140,13 @@ class Speculator:
         return cls(config, drafter, builder, verifier)
 
 
-def _finish_row(new: list[int], cand: list[int], max_new: int, eos: set[int],
-                stop: Callable[[list[int]], bool] | None) -> tuple[list[int], bool]:
+def _finish_row(row: int, new: list[int], cand: list[int], max_new: int, eos: set[int],
+                stop: Callable[[int, list[int]], bool] | None) -> tuple[list[int], bool]:
     """Append ``cand`` to ``new`` token by token; stop at EOS, a stop string or max_new."""
     added = []
     for t in cand:
         added.append(t)
-        if len(new) + len(added) >= max_new or t in eos or (stop and stop(new + added)):
+        if len(new) + len(added) >= max_new or t in eos or (stop and stop(row, new + added)):
             return added, True
     return added, False
 
@@ -160,7 +160,7 @@ def speculative_generate(
     max_new_tokens: int,
     sampling: SamplingParams | None = None,
     eos_token_ids: Sequence[int] = (),
-    stop: Callable[[list[int]], bool] | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
     generator: torch.Generator | None = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` per row with speculation; output equals the target's
@@ -169,7 +169,7 @@ def speculative_generate(
     Args:
         input_ids: ``[B, L]`` left-padded prompts.
         attention_mask: ``[B, L]`` (1 = real token).
-        stop: called with a row's new tokens after each one; True stops the row there.
+        stop: ``stop(row, new_tokens)`` after each token; True stops the row there.
     """
     sampling = sampling or SamplingParams()
     if max_new_tokens < 1:
@@ -205,7 +205,7 @@ def speculative_generate(
     new: list[list[int]] = [[] for _ in range(B)]
     active = [True] * B
     for b in range(B):
-        added, done = _finish_row(new[b], [first[b]], max_new_tokens, eos, stop)
+        added, done = _finish_row(b, new[b], [first[b]], max_new_tokens, eos, stop)
         new[b] += added
         tokens[b] += added
         active[b] = not done
@@ -231,7 +231,7 @@ def speculative_generate(
         for b in range(B):
             if not active[b]:
                 continue
-            added, done = _finish_row(new[b], proposed[b], max_new_tokens, eos, stop)
+            added, done = _finish_row(b, new[b], proposed[b], max_new_tokens, eos, stop)
             new[b] += added
             tokens[b] += added
             stats.accepted_per_step[b].append(len(added) - 1)

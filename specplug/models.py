@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -359,6 +358,21 @@ def _write_marker(folder: Path, fingerprint: Mapping[str, Any], extra: Mapping[s
     (folder / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
+def _normalize_file_modes(folder: Path) -> None:
+    """Give every file in ``folder`` the mode of its config.json (a plainly created file).
+
+    ``save_pretrained`` writes the weights through a private temp file (mode 0o600), which
+    would make a shared cache unreadable to other users.
+    """
+    reference = folder / "config.json"
+    if not reference.is_file():
+        return
+    mode = reference.stat().st_mode & 0o777
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move finished folder ``src`` to ``dst``, replacing whatever was there."""
     if dst.exists() or dst.is_symlink():
@@ -375,12 +389,14 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def _build_cache(spec: ModelSpec, target: Path, fingerprint: Mapping[str, Any]) -> None:
     """Convert into a temp dir beside ``target``, mark it finished, then swap it in."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=target.parent))
+    tmp = target.parent / f".{spec.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()  # unlike tempfile.mkdtemp (0o700), honours the umask: the cache may be shared
     try:
         gguf_path = _locate_gguf(spec)
         logger.warning("specplug: converting %s from %s (once; ~1 min)", spec.name, gguf_path)
         started = time.perf_counter()
         _convert_gguf(gguf_path, tmp)
+        _normalize_file_modes(tmp)
         extra = {
             "gguf_file": gguf_path.name,
             "gguf_sha256": _sha256(gguf_path),

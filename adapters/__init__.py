@@ -1,0 +1,1 @@
+"""Thin adapters that plug specplug's core into frameworks (imported on demand)."""

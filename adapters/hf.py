@@ -1,0 +1,327 @@
+"""Hugging Face Transformers adapter.
+
+Two routes, both token-identical to the model's own greedy ``generate`` (and exact under
+sampling):
+
+* ``model.generate(**inputs, assistant_model=specplug.hf.assistant(model, method="ngram"))``
+  runs a specplug chain drafter inside transformers' own assisted-decoding loop (batch 1,
+  chains). transformers 5.x has no public hook for a custom candidate generator, so specplug
+  wraps ``GenerationMixin._get_candidate_generator``: when ``assistant_model`` is a specplug
+  ``Assistant`` it returns specplug's ``CandidateGenerator``, otherwise it calls the original.
+  This seam is private, so it is guarded by version (``SUPPORTED``) and tested per release.
+* ``specplug.hf.generate(model, **inputs, spec=...)`` (or ``model.generate(**inputs,
+  custom_generate=specplug.hf.custom_generate(method=...))``) runs specplug's own engine: token
+  trees, batches with padding, drafters that need the target's hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.utils import GenerationMixin
+
+from specplug.config import SpecConfig
+from specplug.drafters.base import DraftContext, StepOutcome
+from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
+from specplug.sampling import SamplingParams
+from specplug.tree import ChainBuilder
+
+__all__ = ["SUPPORTED", "Assistant", "assistant", "custom_generate", "generate"]
+
+#: transformers versions whose private ``_get_candidate_generator`` seam is known to work
+SUPPORTED = (Version("5.0"), Version("6.0"))
+
+# Logits processors whose effect specplug's engine reproduces exactly; anything else in a
+# generation config makes ``generate`` refuse rather than silently change the output.
+_WARPERS = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"}
+_UNSUPPORTED_FIELDS = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "min_p": None, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "sequence_bias": None, "guidance_scale": None, "renormalize_logits": False,
+    "exponential_decay_length_penalty": None, "num_beams": 1, "num_return_sequences": 1,
+}
+
+
+def _check_version() -> None:
+    v = Version(transformers.__version__)
+    if not (SUPPORTED[0] <= v < SUPPORTED[1]):
+        raise RuntimeError(
+            f"specplug's assistant_model route supports transformers >= {SUPPORTED[0]}, "
+            f"< {SUPPORTED[1]} (tested on 5.23); found {v}. Use specplug.hf.generate(...), "
+            "which does not depend on transformers' private candidate-generator seam."
+        )
+
+
+def _spec(spec: SpecConfig | dict | str | None, options: dict[str, Any]) -> SpecConfig:
+    if isinstance(spec, SpecConfig):
+        if options:
+            return SpecConfig(**{**spec.model_dump(), **(spec.model_extra or {}), **options})
+        return spec
+    if isinstance(spec, str):
+        return SpecConfig(method=spec, **options)
+    return SpecConfig(**{**(spec or {}), **options})
+
+
+def _sampling_from(gc: Any, check: bool = True) -> SamplingParams:
+    """Sampling parameters from a ``GenerationConfig``; with ``check``, refuse what the engine
+    cannot reproduce (so outputs never silently differ from ``generate``)."""
+    for name, neutral in _UNSUPPORTED_FIELDS.items():
+        value = getattr(gc, name, None) if check else None
+        if value is not None and value != neutral:
+            raise NotImplementedError(
+                f"generation option {name}={value!r} is not supported by specplug's engine "
+                "(it would change which token the target picks); remove it, or use the "
+                "assistant_model route, where transformers applies its own processors"
+            )
+    if not gc.do_sample:
+        return SamplingParams()
+    return SamplingParams(temperature=1.0 if gc.temperature is None else float(gc.temperature),
+                          top_k=int(gc.top_k or 0),
+                          top_p=1.0 if gc.top_p is None else float(gc.top_p))
+
+
+def _eos_ids(gc: Any) -> list[int]:
+    eos = gc.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+# --------------------------------------------------------------------------------------------
+# Route 1: assistant_model inside transformers' assisted decoding
+# --------------------------------------------------------------------------------------------
+
+
+class Assistant:
+    """What ``specplug.hf.assistant`` returns; pass it as ``assistant_model=``.
+
+    Duck-typed to what ``generate`` inspects on an assistant before it asks for a candidate
+    generator: ``config`` (the target's, so the vocabulary check passes), ``device`` and
+    ``generation_config``.
+    """
+
+    def __init__(self, target: Any, config: SpecConfig):
+        if config.tree != "chain":
+            raise ValueError(
+                f"transformers' assisted decoding verifies chains only (tree={config.tree!r}); "
+                "use specplug.hf.generate(...) for token trees"
+            )
+        self.spec = config
+        self.target = target
+        self.config = target.config
+        self.device = target.device
+        self.generation_config = copy.deepcopy(target.generation_config)
+        self.speculator = Speculator.from_config(config, target)
+        if self.speculator.drafter.needs_target_hidden:
+            raise NotImplementedError(
+                f"drafter {config.method!r} needs the target's hidden states; use "
+                "specplug.hf.generate(...)"
+            )
+
+    def candidate_generator(self, generation_config: Any) -> CandidateGenerator:
+        vocab = int(self.target.get_output_embeddings().weight.shape[0])
+        return _SpecplugCandidateGenerator(self.speculator, _sampling_from(generation_config, check=False),
+                                           generation_config.max_length, vocab)
+
+
+class _SpecplugCandidateGenerator(CandidateGenerator):
+    """Feeds a specplug chain to transformers' loop; transformers verifies it.
+
+    With sampling, a probabilistic drafter's chain is drawn from q and q is returned as the
+    candidate logits (transformers then applies speculative sampling); deterministic drafters
+    return no logits, which transformers verifies by sampling the target (one-hot drafts)."""
+
+    def __init__(self, speculator: Speculator, sampling: SamplingParams, max_length: int,
+                 vocab_size: int):
+        self.speculator = speculator
+        self.vocab_size = vocab_size
+        self.builder = ChainBuilder(speculator.config.num_speculative_tokens)
+        self.sampling = sampling
+        self.max_length = max_length
+        self.started = False
+        self.generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any
+                       ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        tokens = input_ids[0].tolist()
+        drafter = self.speculator.drafter
+        if not self.started:
+            drafter.start([tokens])
+            self.started = True
+        budget = min(self.builder.max_depth, self.max_length - len(tokens) - 1)
+        if budget < 1:
+            return input_ids, None
+        ctx = DraftContext(tokens=[tokens], active=[True], sampling=self.sampling,
+                           generator=self.generator)
+        built = self.builder.build(drafter, ctx, [budget], self.vocab_size)
+        n = int(built.tree.num_nodes[0])
+        if n == 0:
+            return input_ids, None
+        cand = torch.cat([input_ids, built.tree.tokens[:, :n].to(input_ids.device)], 1)
+        logits = None
+        if built.tree.draft_probs is not None:
+            logits = built.tree.draft_probs[:, :n].log()
+        return cand, logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                                  num_matches: int) -> None:
+        tokens = input_ids[0].tolist()
+        n = int(num_matches)
+        new = tokens[len(tokens) - n - 1:]
+        self.speculator.drafter.observe(
+            StepOutcome(accepted=[new[:-1]], bonus=[new[-1]], tokens=[tokens]))
+
+
+_original_get_candidate_generator: Callable[..., Any] | None = None
+
+
+def install() -> None:
+    """Wrap ``GenerationMixin._get_candidate_generator`` once (idempotent)."""
+    global _original_get_candidate_generator
+    if _original_get_candidate_generator is not None:
+        return
+    _check_version()
+    original = GenerationMixin._get_candidate_generator
+
+    def _get_candidate_generator(self: Any, generation_config: Any, *args: Any, **kwargs: Any):
+        assistant_model = kwargs.get("assistant_model")
+        if isinstance(assistant_model, Assistant):
+            if assistant_model.target is not self:
+                raise ValueError("this specplug assistant was built for another model; build "
+                                 "it with specplug.hf.assistant(<the model you generate with>)")
+            return assistant_model.candidate_generator(generation_config)
+        return original(self, generation_config, *args, **kwargs)
+
+    _original_get_candidate_generator = original
+    GenerationMixin._get_candidate_generator = _get_candidate_generator
+
+
+def assistant(model: Any, method: str | SpecConfig = "ngram", /, **options: Any) -> Assistant:
+    """A specplug drafter to pass as ``model.generate(..., assistant_model=...)``.
+
+    Args:
+        model: the target model (the one whose ``generate`` you call).
+        method: drafter name or a full ``SpecConfig``.
+        **options: ``SpecConfig`` fields and drafter options (``num_speculative_tokens``,
+            ``prompt_lookup_max``, ``model`` for ``draft_model``, ...).
+    """
+    install()
+    return Assistant(model, _spec(method, options))
+
+
+# --------------------------------------------------------------------------------------------
+# Route 2: specplug's own engine
+# --------------------------------------------------------------------------------------------
+
+
+def _stop_fn(prompt_lists: list[list[int]], criteria: Any
+             ) -> Callable[[int, list[int]], bool] | None:
+    if criteria is None:
+        return None
+
+    def stop(row: int, new: list[int]) -> bool:
+        ids = torch.tensor([prompt_lists[row] + new], dtype=torch.long)
+        return bool(criteria(ids, None).any())
+
+    return stop
+
+
+def _run(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+         spec: SpecConfig, sampling: SamplingParams, max_new_tokens: int, eos: list[int],
+         pad_token_id: int, stop_criteria: Any, generator: torch.Generator | None,
+         speculator: Speculator | None = None) -> tuple[torch.Tensor, Any]:
+    speculator = speculator or Speculator.from_config(spec, model)
+    runner = ModelTargetRunner(model, output_hidden=speculator.drafter.needs_target_hidden)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    am = attention_mask.bool()
+    prompts = [input_ids[b][am[b]].tolist() for b in range(input_ids.shape[0])]
+    stop = _stop_fn(prompts, stop_criteria)
+    out = speculative_generate(runner, speculator, input_ids.cpu(), attention_mask.cpu(),
+                               max_new_tokens=max_new_tokens, sampling=sampling,
+                               eos_token_ids=eos, stop=stop, generator=generator)
+    width = max(len(s) for s in out.sequences)
+    new = torch.full((input_ids.shape[0], width), pad_token_id, dtype=torch.long)
+    for b, s in enumerate(out.sequences):
+        new[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return torch.cat([input_ids.cpu(), new], 1).to(input_ids.device), out.stats
+
+
+def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             *, spec: SpecConfig | dict | str | None = None, tokenizer: Any = None,
+             stop_strings: str | list[str] | None = None, seed: int | None = None,
+             generator: torch.Generator | None = None, return_stats: bool = False,
+             speculator: Speculator | None = None, **kwargs: Any) -> Any:
+    """Speculative ``generate`` on specplug's engine; same output as ``model.generate``.
+
+    Args:
+        input_ids: ``[B, L]`` left-padded prompt ids; ``attention_mask`` ``[B, L]``.
+        spec: a ``SpecConfig``, a dict, or a method name. Keyword arguments that are not
+            generation options are ``SpecConfig`` keys (``method=``,
+            ``num_speculative_tokens=``, drafter options).
+        kwargs: generation options as for ``model.generate`` (``max_new_tokens``,
+            ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+            ``pad_token_id``), merged over ``model.generation_config``.
+        speculator: reuse an already built drafter/builder/verifier (skips set-up).
+    Returns:
+        ``[B, L + T]`` sequences (rows that stop early are padded with ``pad_token_id``), or
+        ``(sequences, GenerationStats)`` with ``return_stats=True``.
+    """
+    gen_keys = set(vars(type(model.generation_config)())) | {"max_new_tokens"}
+    spec_opts = {k: kwargs.pop(k) for k in list(kwargs) if k not in gen_keys}
+    config = speculator.config if speculator is not None else _spec(spec, spec_opts)
+    gc = copy.deepcopy(model.generation_config)
+    unknown = gc.update(**kwargs)
+    if unknown:
+        raise TypeError(f"unknown generation options: {sorted(unknown)}")
+    if gc.max_new_tokens is None:
+        raise ValueError("pass max_new_tokens (specplug does not guess a length)")
+    sampling = _sampling_from(gc)
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    criteria = None
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs tokenizer= (as in transformers)")
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (_eos_ids(gc) or [0])[0]
+    seqs, stats = _run(model, input_ids, attention_mask, config, sampling, gc.max_new_tokens,
+                       _eos_ids(gc), pad, criteria, generator, speculator)
+    return (seqs, stats) if return_stats else seqs
+
+
+def custom_generate(spec: SpecConfig | dict | str | None = None, **options: Any
+                    ) -> Callable[..., torch.Tensor]:
+    """A callable for ``model.generate(..., custom_generate=...)`` that runs specplug's engine
+    with transformers' prepared generation config and stopping criteria (``streamer`` is not
+    forwarded by transformers to custom callables)."""
+    config = _spec(spec, options)
+
+    def _generate(model: Any, input_ids: torch.Tensor, logits_processor: Any = None,
+                  stopping_criteria: Any = None, generation_config: Any = None,
+                  **model_kwargs: Any) -> torch.Tensor:
+        for proc in logits_processor or []:
+            if type(proc).__name__ not in _WARPERS:
+                raise NotImplementedError(
+                    f"{type(proc).__name__} is not supported by specplug's engine; remove the "
+                    "generation option that adds it")
+        sampling = _sampling_from(generation_config)
+        max_new = generation_config.max_length - input_ids.shape[1]
+        eos = _eos_ids(generation_config)
+        pad = generation_config.pad_token_id
+        pad = pad if pad is not None else (eos or [0])[0]
+        seqs, _ = _run(model, input_ids, model_kwargs.get("attention_mask"), config, sampling,
+                       max_new, eos, int(pad), stopping_criteria, None)
+        return seqs
+
+    return _generate

@@ -1,0 +1,140 @@
+"""Slow tests on the real small models: GGUF conversion, cached reload, greedy generation.
+
+They use the normal specplug cache (``$SPECPLUG_CACHE_DIR`` or ``~/.cache/specplug``), so the
+first run converts both models (about a minute each on a 2-core CPU) and later runs reuse them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from specplug import models
+
+pytestmark = pytest.mark.slow
+
+MODEL_NAMES = ["smollm2-135m", "gemma3-270m"]
+PROMPT = "What is the capital of France?"
+
+EXPECTED_CONFIG: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "head_dim": 64,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "tie_word_embeddings": True,
+    },
+    "gemma3-270m": {
+        "vocab_size": 262144,
+        "hidden_size": 640,
+        "num_hidden_layers": 18,
+        "head_dim": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "tie_word_embeddings": True,
+        "sliding_window": 512,
+    },
+}
+EXPECTED_CLASS = {"smollm2-135m": "LlamaForCausalLM", "gemma3-270m": "Gemma3ForCausalLM"}
+
+
+def _require_package(name: str) -> None:
+    """Skip (with the install command) when the package shipping ``name`` is absent."""
+    try:
+        models._source_fingerprint(models.KNOWN_MODELS[name])
+    except models.ModelPackageMissingError as error:
+        pytest.skip(f"{name}: weights package not installed: {error}")
+
+
+@pytest.fixture(scope="module", params=MODEL_NAMES)
+def loaded(request: pytest.FixtureRequest) -> tuple[str, Any, Any]:
+    name = request.param
+    _require_package(name)
+    model, tokenizer = models.load_model(name)
+    return name, model, tokenizer
+
+
+def test_cache_folder_is_marked(loaded: tuple[str, Any, Any]) -> None:
+    name, _, _ = loaded
+    folder = models.resolve_model_dir(name)
+    spec = models.KNOWN_MODELS[name]
+    assert models._is_cache_valid(folder, models._source_fingerprint(spec))
+    assert (folder / "model.safetensors").is_file()
+    assert (folder / "tokenizer.json").is_file()
+
+
+def test_model_facts(loaded: tuple[str, Any, Any]) -> None:
+    name, model, tokenizer = loaded
+    assert type(model).__name__ == EXPECTED_CLASS[name]
+    assert model.dtype == torch.float32 and not model.training
+    assert model.config._attn_implementation == "sdpa"
+    for key, value in EXPECTED_CONFIG[name].items():
+        assert getattr(model.config, key) == value, key
+    assert bool(tokenizer.chat_template) == models.KNOWN_MODELS[name].has_chat_template
+    if name == "gemma3-270m":
+        pattern = ["sliding_attention"] * 5 + ["full_attention"]
+        assert model.config.layer_types == pattern * 3
+    # the GGUF-derived generation config carries no sampling defaults
+    assert models._sampling_overrides(model.generation_config) == {}
+    assert model.generation_config.pad_token_id is not None
+
+
+def test_converted_folder_matches_gguf_logits(loaded: tuple[str, Any, Any]) -> None:
+    name, model, tokenizer = loaded
+    ref_model, ref_tokenizer = models._load_from_gguf(models.locate_gguf(name))
+    try:
+        ids = models.encode_prompt(tokenizer, PROMPT)
+        assert ids == models.encode_prompt(ref_tokenizer, PROMPT)
+        assert tokenizer.chat_template == ref_tokenizer.chat_template
+        assert (
+            model.config.to_dict()["layer_types" if name == "gemma3-270m" else "vocab_size"]
+            == (
+                ref_model.config.to_dict()["layer_types" if name == "gemma3-270m" else "vocab_size"]
+            )
+        )
+        input_ids = torch.tensor([ids])
+        with torch.inference_mode():
+            logits = model(input_ids).logits
+            ref_logits = ref_model(input_ids).logits
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+        assert torch.equal(logits[0, -1].argmax(), ref_logits[0, -1].argmax())
+    finally:
+        del ref_model
+
+
+def test_greedy_generate_is_sensible(loaded: tuple[str, Any, Any]) -> None:
+    name, model, tokenizer = loaded
+    ids = models.encode_prompt(tokenizer, PROMPT)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+    text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    assert text.strip(), f"{name} generated no text"
+    assert "paris" in text.lower(), f"{name} answered {text!r}"
+
+
+def test_batched_generate_with_padding(loaded: tuple[str, Any, Any]) -> None:
+    _, model, tokenizer = loaded
+    tokenizer.padding_side = "left"
+    prompts = [models.encode_prompt(tokenizer, p) for p in (PROMPT, "Name a color.")]
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2
+
+
+def test_conversation_encoding(loaded: tuple[str, Any, Any]) -> None:
+    name, _, tokenizer = loaded
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a fruit."},
+    ]
+    text = tokenizer.decode(models.encode_conversation(tokenizer, messages))
+    if name == "smollm2-135m":
+        assert text.endswith("<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n")
+    else:
+        assert text == "<bos>User: Hi\nAssistant: Hello!\nUser: Name a fruit.\nAssistant:"

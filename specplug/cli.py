@@ -1,0 +1,154 @@
+"""``specplug`` command line: ``specplug run ...`` (more subcommands as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, eq, raw = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def _machine() -> str:
+    import os
+
+    return f"{platform.machine()} {os.cpu_count()} CPU, {platform.system()}"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from specplug.adapters.hf import generate
+    from specplug.config import SpecConfig
+    from specplug.engine import Speculator
+    from specplug.models import encode_prompt, load_model
+
+    torch.set_grad_enabled(False)
+    spec = SpecConfig.from_cli(args.method, args.num_speculative_tokens, args.tree,
+                               dict(args.option or []))
+    model, tokenizer = load_model(args.model)
+    chat = None if args.chat == "auto" else args.chat == "yes"
+    ids = torch.tensor([encode_prompt(tokenizer, args.prompt, chat=chat)])
+    speculator = Speculator.from_config(spec, model)
+    gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature > 0:
+        gen.update(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p)
+    else:
+        gen.update(do_sample=False)
+
+    def spec_run() -> tuple[list[int], Any, float]:
+        g = torch.Generator().manual_seed(args.seed)
+        t0 = time.perf_counter()
+        seqs, stats = generate(model, ids, speculator=speculator, generator=g,
+                               return_stats=True, **gen)
+        return seqs[0, ids.shape[1]:].tolist(), stats, time.perf_counter() - t0
+
+    def base_run() -> tuple[list[int], float]:
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+        return out[0, ids.shape[1]:].tolist(), time.perf_counter() - t0
+
+    if args.compare:  # warm both paths once so neither pays first-call costs
+        warm = dict(gen, max_new_tokens=min(8, args.max_new_tokens))
+        generate(model, ids, speculator=speculator, **warm)
+        model.generate(ids, attention_mask=torch.ones_like(ids), **warm)
+    spec_times, base_times = [], []
+    tokens, stats = [], None
+    base_tokens: list[int] = []
+    for _ in range(args.repeats):  # interleaved A/B
+        tokens, stats, dt = spec_run()
+        spec_times.append(dt)
+        if args.compare:
+            base_tokens, bt = base_run()
+            base_times.append(bt)
+    spec_s = sorted(spec_times)[len(spec_times) // 2]
+    report: dict[str, Any] = {
+        "model": args.model, "method": args.method, "config": spec.model_dump(),
+        "text": tokenizer.decode(tokens, skip_special_tokens=True),
+        "new_tokens": len(tokens),
+        "mean_accepted_tokens": round(stats.mean_accepted_tokens, 3),
+        "target_forwards": stats.target_forwards,
+        "tokens_per_s": round(len(tokens) / spec_s, 2), "wall_time_s": round(spec_s, 3),
+        "temperature": args.temperature, "repeats": args.repeats, "machine": _machine(),
+    }
+    if args.compare:
+        base_s = sorted(base_times)[len(base_times) // 2]
+        report.update(
+            baseline_tokens_per_s=round(len(base_tokens) / base_s, 2),
+            baseline_wall_time_s=round(base_s, 3),
+            speedup=round((len(tokens) / spec_s) / (len(base_tokens) / base_s), 3),
+            identical=(tokens == base_tokens) if args.temperature == 0 else None,
+        )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(report["text"])
+        print("-" * 60)
+        line = (f"{report['new_tokens']} tokens, {report['tokens_per_s']} tok/s, "
+                f"mean accepted tokens/step {report['mean_accepted_tokens']}")
+        if args.compare:
+            line += (f" | baseline {report['baseline_tokens_per_s']} tok/s, speedup "
+                     f"{report['speedup']}x, identical: {report['identical']}")
+        print(line)
+    if args.compare and report.get("identical") is False:
+        print("ERROR: speculative output differs from the target's greedy output",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specplug", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="one speculative generation with a speed/acceptance report")
+    r.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m | gemma3-270m | a local HF folder")
+    r.add_argument("--method", default="ngram", help="drafter name (ngram, draft_model, ...)")
+    r.add_argument("--num-speculative-tokens", type=int, default=None)
+    r.add_argument("--tree", default=None,
+                   help="chain | static:[[0],[1],[0,0]] | dynamic:budget=16,topk=4")
+    r.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
+                   help="drafter option, repeatable (e.g. --option layers=8)")
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
+                   help="apply the chat template (auto: when the tokenizer has one)")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--repeats", type=int, default=1, help="timed runs (median reported)")
+    r.add_argument("--compare", action="store_true",
+                   help="also run plain model.generate, interleaved, and compare")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, NotImplementedError, FloatingPointError) as err:
+        print(f"specplug: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
