@@ -90,12 +90,8 @@ def test_converted_folder_matches_gguf_logits(loaded: tuple[str, Any, Any]) -> N
         ids = models.encode_prompt(tokenizer, PROMPT)
         assert ids == models.encode_prompt(ref_tokenizer, PROMPT)
         assert tokenizer.chat_template == ref_tokenizer.chat_template
-        assert (
-            model.config.to_dict()["layer_types" if name == "gemma3-270m" else "vocab_size"]
-            == (
-                ref_model.config.to_dict()["layer_types" if name == "gemma3-270m" else "vocab_size"]
-            )
-        )
+        for key in [*EXPECTED_CONFIG[name], "layer_types", "rope_parameters"]:
+            assert getattr(model.config, key, None) == getattr(ref_model.config, key, None), key
         input_ids = torch.tensor([ids])
         with torch.inference_mode():
             logits = model(input_ids).logits

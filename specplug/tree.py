@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,10 +126,11 @@ class TreeNode:
     token: int
     parent: int
     depth: int
-    score: float  # cumulative drafter probability, made monotone for pruning
+    score: float  # pruning score: never depends on this node's own sampled token
     handle: Any
     q: torch.Tensor | None  # [V] distribution this node was drawn from (sampling mode)
     order: int = 0  # creation order (topological, siblings in proposal order)
+    value: float = 1.0  # cumulative draft probability of the path (uses this node's token)
 
 
 @dataclass
@@ -139,27 +141,40 @@ class BuiltTree:
     nodes: list[list[TreeNode]]
 
 
-def _choose_children(
-    cands: Candidates, k: int, sample: bool, generator: torch.Generator | None
-) -> list[tuple[int, float, Any, torch.Tensor | None]]:
-    """Pick up to ``k`` children: the ranked candidates, or (sampling with a probabilistic
-    drafter) ``k`` distinct draws without replacement, each with the distribution it was drawn
-    from: q_1 = q, q_{i+1} = q_i without x_i, renormalised (recursive rejection sampling)."""
-    if sample and cands.dist is not None:
-        q = cands.dist
-        out = []
-        for _ in range(k):
-            total = float(q.sum())
-            if total <= 0.0:
-                break
-            qn = q / total
-            tok = int(torch.multinomial(qn, 1, generator=generator))
-            out.append((tok, float(qn[tok]), cands.shared_handle, qn))
-            q = qn.clone()
-            q[tok] = 0.0
-        return out
+Choice = tuple[int, float, float, Any, "torch.Tensor | None"]
+
+
+def _ranked_children(cands: Candidates, k: int) -> list[Choice]:
+    """The top ``k`` ranked candidates as ``(token, prob, rank_weight, handle, q=None)``."""
     n = min(k, len(cands.tokens))
-    return [(cands.tokens[i], cands.probs[i], cands.handles[i], None) for i in range(n)]
+    return [(cands.tokens[i], cands.probs[i], cands.probs[i], cands.handles[i], None)
+            for i in range(n)]
+
+
+def _sampled_children(cands: list[Candidates], k: int, generator: torch.Generator | None
+                      ) -> list[list[Choice]]:
+    """For each candidate set, ``k`` distinct draws without replacement from its ``dist``
+    (batched Gumbel-top-k: the key order is a sequential draw without replacement), each with
+    the distribution it was drawn from: q_1 = q, q_{i+1} = q_i without x_i, renormalised, which
+    is what the recursive rejection sampler needs. The ``rank_weight`` of the i-th draw is the
+    i-th largest probability of q: it must not depend on the drawn token, because keeping or
+    pruning a draw according to its own value would bias the output distribution."""
+    q = torch.stack([c.dist for c in cands])  # [M, V]
+    M, V = q.shape
+    k = min(k, V)
+    u = torch.rand(q.shape, generator=generator).clamp_(min=1e-20)
+    keys = q.log() - (-u.log()).log()
+    toks = torch.topk(keys, k, dim=-1).indices  # [M, k]
+    probs = q.gather(1, toks)  # [M, k]; 0 = the support ran out
+    ranked = torch.topk(q, k, dim=-1).values
+    before = torch.ones(k, k).tril(-1)  # [i, j] = 1 if draw j precedes draw i
+    drawn = torch.zeros(M, k, V).scatter_(2, toks[:, None, :].expand(M, k, k),
+                                          before[None].expand(M, k, k))
+    qs = q[:, None, :] * (1.0 - drawn)
+    qs = qs / qs.sum(-1, keepdim=True).clamp(min=1e-30)
+    toks_l, probs_l, ranked_l = toks.tolist(), probs.tolist(), ranked.tolist()
+    return [[(toks_l[m][i], probs_l[m][i], ranked_l[m][i], cands[m].shared_handle, qs[m, i])
+             for i in range(k) if probs_l[m][i] > 0.0] for m in range(M)]
 
 
 class TreeBuilder(ABC):
@@ -190,15 +205,64 @@ class TreeBuilder(ABC):
         ...
 
     @staticmethod
-    def _add(row: list[TreeNode], parent: int, depth: int, score: float,
-             choice: tuple[int, float, Any, torch.Tensor | None], prev_sibling_score: float
-             ) -> TreeNode:
-        tok, prob, handle, q = choice
-        node = TreeNode(token=tok, parent=parent, depth=depth,
-                        score=min(score * prob, prev_sibling_score), handle=handle, q=q,
-                        order=len(row))
+    def _add(row: list[TreeNode], parent: int, depth: int, choice: Choice,
+             prev_sibling: TreeNode | None) -> TreeNode:
+        """Append a child of ``row[parent]`` (-1: the root). Its pruning score is monotone
+        along depth and sibling order and does not depend on its own token."""
+        tok, prob, weight, handle, q = choice
+        up = row[parent] if parent >= 0 else None
+        p_value = up.value if up else 1.0
+        score = p_value * weight
+        if up is not None:
+            score = min(score, up.score)
+        if prev_sibling is not None:
+            score = min(score, prev_sibling.score)
+        node = TreeNode(token=tok, parent=parent, depth=depth, score=score, handle=handle, q=q,
+                        order=len(row), value=p_value * prob)
         row.append(node)
         return node
+
+    @staticmethod
+    def _roots(ctx: DraftContext, roots: list[Any], depth_limit: list[int]) -> list[list[Tip]]:
+        return [[Tip(-1, roots[b], ctx.tokens[b][-1], ())]
+                if ctx.active[b] and depth_limit[b] > 0 else [] for b in range(len(roots))]
+
+    def _expand_level(self, drafter: Drafter, ctx: DraftContext, level: list[list[Tip]],
+                      nodes: list[list[TreeNode]], depth: int, depth_limit: list[int],
+                      sample: bool, fanout: Callable[[Tip], int]) -> list[list[Tip]]:
+        """Ask the drafter for the children of every tip; add them; return the new tips."""
+        k = max(fanout(t) for row in level for t in row)
+        cands = drafter.expand([[FrontierItem(t.handle, t.token) for t in row]
+                                for row in level], k)
+        chosen: dict[tuple[int, int], list[Choice]] = {}
+        pending = [(b, j) for b, row in enumerate(cands) for j, c in enumerate(row)
+                   if sample and c.dist is not None]
+        if pending:
+            draws = _sampled_children([cands[b][j] for b, j in pending], k, ctx.generator)
+            chosen = dict(zip(pending, draws))
+        nxt: list[list[Tip]] = [[] for _ in level]
+        for b, row in enumerate(level):
+            for j, (tip, cand) in enumerate(zip(row, cands[b])):
+                picks = chosen.get((b, j))
+                picks = picks[: fanout(tip)] if picks is not None else \
+                    _ranked_children(cand, fanout(tip))
+                prev = None
+                for rank, choice in enumerate(picks):
+                    prev = self._add(nodes[b], tip.index, depth, choice, prev)
+                    if depth < depth_limit[b]:
+                        nxt[b].append(Tip(len(nodes[b]) - 1, prev.handle, prev.token,
+                                          (*tip.path, rank)))
+        return nxt
+
+
+@dataclass
+class Tip:
+    """A node whose children may be asked for: its index (-1 = root), handle, token, path."""
+
+    index: int
+    handle: Any
+    token: int
+    path: tuple[int, ...]
 
 
 class ChainBuilder(TreeBuilder):
@@ -210,33 +274,19 @@ class ChainBuilder(TreeBuilder):
         self.max_nodes = self.max_depth = num_speculative_tokens
 
     def _grow(self, drafter, ctx, roots, nodes, depth_limit, sample):
-        tips: list[tuple[int, Any, int, float] | None] = [
-            (-1, roots[b], ctx.tokens[b][-1], 1.0) if ctx.active[b] and depth_limit[b] > 0
-            else None for b in range(len(nodes))
-        ]
+        level = self._roots(ctx, roots, depth_limit)
         for depth in range(1, self.max_depth + 1):
-            if not any(tips):
+            if not any(level):
                 break
-            frontier = [[FrontierItem(t[1], t[2])] if t else [] for t in tips]
-            cands = drafter.expand(frontier, 1)
-            for b, tip in enumerate(tips):
-                if tip is None:
-                    continue
-                chosen = _choose_children(cands[b][0], 1, sample, ctx.generator)
-                if not chosen:
-                    tips[b] = None
-                    continue
-                node = self._add(nodes[b], tip[0], depth, tip[3], chosen[0], math.inf)
-                keep_going = depth < depth_limit[b]
-                tips[b] = (len(nodes[b]) - 1, node.handle, node.token, node.score) \
-                    if keep_going else None
+            level = self._expand_level(drafter, ctx, level, nodes, depth, depth_limit, sample,
+                                       lambda tip: 1)
 
 
 def parse_static_paths(paths: list[list[int]] | list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     """Validate Medusa-style paths (each a tuple of child ranks from the root).
 
     Raises:
-        ValueError: empty spec, negative ranks, duplicates, or a path whose parent is missing.
+        ValueError: empty spec, negative ranks, duplicates, gaps, or a missing parent path.
     """
     if not paths:
         raise ValueError("static tree needs at least one path, e.g. [[0], [1], [0, 0]]")
@@ -274,43 +324,25 @@ class StaticTreeBuilder(TreeBuilder):
         self.paths = parse_static_paths(paths)
         self.max_nodes = len(self.paths)
         self.max_depth = max(len(p) for p in self.paths)
-        # children count of each prefix
-        self.fanout: dict[tuple[int, ...], int] = {}
+        self.fanout: dict[tuple[int, ...], int] = {}  # children count of each prefix
         for p in self.paths:
             self.fanout[p[:-1]] = max(self.fanout.get(p[:-1], 0), p[-1] + 1)
 
     def _grow(self, drafter, ctx, roots, nodes, depth_limit, sample):
-        # per row: list of (path, node index, handle, token, score) to expand at this depth
-        level: list[list[tuple[tuple[int, ...], int, Any, int, float]]] = [
-            [((), -1, roots[b], ctx.tokens[b][-1], 1.0)] if ctx.active[b] and depth_limit[b] > 0
-            else [] for b in range(len(nodes))
-        ]
+        level = self._roots(ctx, roots, depth_limit)
         for depth in range(1, self.max_depth + 1):
-            level = [[it for it in row if it[0] in self.fanout] for row in level]
+            level = [[t for t in row if t.path in self.fanout] for row in level]
             if not any(level):
                 break
-            k = max(self.fanout[it[0]] for row in level for it in row)
-            cands = drafter.expand([[FrontierItem(it[2], it[3]) for it in row] for row in level], k)
-            nxt: list[list] = [[] for _ in level]
-            for b, row in enumerate(level):
-                for it, cand in zip(row, cands[b]):
-                    path, parent, _, _, score = it
-                    chosen = _choose_children(cand, self.fanout[path], sample, ctx.generator)
-                    prev = math.inf
-                    for rank, choice in enumerate(chosen):
-                        node = self._add(nodes[b], parent, depth, score, choice, prev)
-                        prev = node.score
-                        if depth < depth_limit[b]:
-                            nxt[b].append(((*path, rank), len(nodes[b]) - 1, node.handle,
-                                           node.token, node.score))
-            level = nxt
+            level = self._expand_level(drafter, ctx, level, nodes, depth, depth_limit, sample,
+                                       lambda tip: self.fanout[tip.path])
 
 
 class DynamicTreeBuilder(TreeBuilder):
     """EAGLE-2 style: at each depth expand the ``topk`` most probable frontier nodes (by
     cumulative draft probability), each into ``topk`` children; finally keep the ``budget``
-    most probable nodes. Scores are made monotone along depth and sibling order so the kept
-    set is always a tree whose sibling lists are prefixes of the proposal order."""
+    best nodes by pruning score (monotone along depth and sibling order, so the kept set is a
+    tree whose sibling lists are prefixes of the proposal order)."""
 
     def __init__(self, budget: int, topk: int = 4, depth: int = 6):
         if budget < 1:
@@ -323,27 +355,15 @@ class DynamicTreeBuilder(TreeBuilder):
         self.max_nodes, self.max_depth = budget, depth
 
     def _grow(self, drafter, ctx, roots, nodes, depth_limit, sample):
-        level: list[list[tuple[int, Any, int, float]]] = [
-            [(-1, roots[b], ctx.tokens[b][-1], 1.0)] if ctx.active[b] and depth_limit[b] > 0
-            else [] for b in range(len(nodes))
-        ]
+        level = self._roots(ctx, roots, depth_limit)
         for depth in range(1, self.max_depth + 1):
             if not any(level):
                 break
-            cands = drafter.expand([[FrontierItem(h, t) for _, h, t, _ in row] for row in level],
-                                   self.topk)
-            nxt: list[list] = [[] for _ in level]
-            for b, row in enumerate(level):
-                for (parent, _, _, score), cand in zip(row, cands[b]):
-                    prev = math.inf
-                    for choice in _choose_children(cand, self.topk, sample, ctx.generator):
-                        node = self._add(nodes[b], parent, depth, score, choice, prev)
-                        prev = node.score
-                        if depth < depth_limit[b]:
-                            nxt[b].append((len(nodes[b]) - 1, node.handle, node.token, node.score))
-                nxt[b].sort(key=lambda it: -it[3])
-                nxt[b] = nxt[b][: self.topk]
-            level = nxt
+            level = self._expand_level(drafter, ctx, level, nodes, depth, depth_limit, sample,
+                                       lambda tip: self.topk)
+            # expanding a node may depend on its own value (only pruning may not)
+            level = [sorted(row, key=lambda t, b=b: -nodes[b][t.index].value)[: self.topk]
+                     for b, row in enumerate(level)]
         for b, row in enumerate(nodes):
             if len(row) > self.budget:
                 nodes[b] = _prune(row, self.budget)
@@ -357,10 +377,10 @@ def _prune(row: list[TreeNode], budget: int) -> list[TreeNode]:
     out = []
     for old in keep:
         n = row[old]
-        if n.parent != -1 and n.parent not in remap:  # cannot happen with monotone scores
+        if n.parent != -1 and n.parent not in remap:  # impossible with monotone scores
             raise AssertionError("pruned tree lost a parent")
         out.append(TreeNode(n.token, remap.get(n.parent, -1), n.depth, n.score, n.handle, n.q,
-                            len(out)))
+                            len(out), n.value))
     return out
 
 

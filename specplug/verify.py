@@ -98,6 +98,19 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor,
     return _path_result(layout, best, best_depth, bonus)
 
 
+def _residual(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """After rejecting draft ``x [R]`` drawn from ``q [R, V]`` (None: one-hot at x), the
+    target distribution ``p [R, V]`` becomes ``norm(max(p - q, 0))``."""
+    if q is None:
+        resid = p.clone()
+        resid[torch.arange(p.shape[0]), x] = 0.0
+    else:
+        resid = (p - q).clamp(min=0.0)
+    total = resid.sum(-1, keepdim=True)
+    # p == q up to rounding: the rejection had probability ~0; keep p (bias < 1e-7)
+    return torch.where(total > 1e-12, resid / total.clamp(min=1e-30), p)
+
+
 def verify_exact(tree: DraftTree, target_logits: torch.Tensor, sampling: SamplingParams,
                  generator: torch.Generator | None = None,
                  layout: TreeLayout | None = None) -> VerifyResult:
@@ -162,14 +175,7 @@ def verify_exact(tree: DraftTree, target_logits: torch.Tensor, sampling: Samplin
             p[a] = p_all[a, c[a] + 1]
         if reject.any():
             r = reject.nonzero(as_tuple=True)[0]
-            if q is None:
-                resid = p[r].clone()
-                resid[torch.arange(len(r)), x[r]] = 0.0
-            else:
-                resid = (p[r] - q[r]).clamp(min=0.0)
-            total = resid.sum(-1, keepdim=True)
-            # p == q up to rounding: the rejection had probability ~0; keep p (bias < 1e-7)
-            p[r] = torch.where(total > 1e-12, resid / total.clamp(min=1e-30), p[r])
+            p[r] = _residual(p[r], None if q is None else q[r], x[r])
             sib[r] += 1
     return _path_result(layout, best, depth, bonus)
 
