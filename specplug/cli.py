@@ -79,7 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             base_times.append(bt)
     spec_s = sorted(spec_times)[len(spec_times) // 2]
     report: dict[str, Any] = {
-        "model": args.model, "method": args.method, "config": spec.model_dump(),
+        "model": args.model, "method": args.method, "config": spec.describe(),
         "text": tokenizer.decode(tokens, skip_special_tokens=True),
         "new_tokens": len(tokens),
         "mean_accepted_tokens": round(stats.mean_accepted_tokens, 3),

@@ -85,6 +85,15 @@ class SpecConfig(BaseModel):
         assert self._options is not None
         return self._options
 
+    def describe(self) -> dict[str, Any]:
+        """All settings, drafter options included, as JSON-friendly values (objects such as a
+        loaded draft model appear as their class name)."""
+        out = self.model_dump()
+        for key, value in self.drafter_options.model_dump().items():
+            json_ok = isinstance(value, (str, int, float, bool, list, dict, type(None)))
+            out[key] = value if json_ok else type(value).__name__
+        return out
+
     @property
     def max_depth(self) -> int:
         if self.tree == "static":

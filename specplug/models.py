@@ -273,28 +273,6 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- GGUF -> HF folder
 
 
-@contextlib.contextmanager
-def _accelerate_gate_open() -> Iterator[None]:
-    """Let ``from_pretrained(gguf_file=...)`` run when ``accelerate`` is not installed.
-
-    transformers refuses GGUF loading up front without accelerate, although accelerate is only
-    used to dispatch over several devices; we load on the CPU with no ``device_map``. If
-    accelerate is importable nothing is patched; otherwise the gate is patched for the duration
-    of the call only (it must be restored before ``save_pretrained``, which uses the flag too).
-    """
-    import transformers.modeling_utils as modeling_utils
-
-    if importlib.util.find_spec("accelerate") is not None:
-        yield
-        return
-    original = modeling_utils.is_accelerate_available
-    modeling_utils.is_accelerate_available = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        modeling_utils.is_accelerate_available = original
-
-
 def _load_from_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF with transformers, dequantized to dense float32 weights (slow)."""
     _set_offline_env()
@@ -302,13 +280,12 @@ def _load_from_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
 
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    with _accelerate_gate_open():
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            gguf_file=filename,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-        )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        gguf_file=filename,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
     return model.eval(), tokenizer
 
 

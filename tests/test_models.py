@@ -317,18 +317,6 @@ def test_strip_gguf_quantization_makes_config_plain() -> None:
     models._strip_gguf_quantization(model)  # idempotent
 
 
-def test_accelerate_gate_is_restored() -> None:
-    import transformers.modeling_utils as modeling_utils
-
-    before = modeling_utils.is_accelerate_available
-    with models._accelerate_gate_open():
-        assert modeling_utils.is_accelerate_available()
-    assert modeling_utils.is_accelerate_available is before
-
-
-# --------------------------------------------------------------------------- load_model
-
-
 def test_load_model_local_folder(tiny_llama_dir: Path) -> None:
     model, tokenizer = models.load_model(str(tiny_llama_dir))
     assert type(model).__name__ == "LlamaForCausalLM"

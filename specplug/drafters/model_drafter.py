@@ -27,6 +27,14 @@ def check_vocab(draft_vocab: int, target_vocab: int, what: str) -> None:
         )
 
 
+def _check_finite(logits: torch.Tensor, name: str) -> None:
+    if torch.isnan(logits).any():
+        raise FloatingPointError(
+            f"NaN in the {name!r} drafter's logits: its model produced NaN scores (broken "
+            "weights, or a dtype that overflows: use float32 or bfloat16 on CPU)"
+        )
+
+
 def output_vocab(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
@@ -59,6 +67,7 @@ class ModelDrafter(Drafter):
                 ids[b, L - len(t):] = torch.tensor(t)
                 mask[b, L - len(t):] = 1
             self.root_logits = self.runner.prefill(ids, mask).logits[:, -1]
+            _check_finite(self.root_logits, self.name)
             self.cached = [len(t) for t in ctx.tokens]
             self.started = True
         else:
@@ -66,6 +75,7 @@ class ModelDrafter(Drafter):
             out = self.runner.extend(pending)
             last = torch.tensor([max(len(p) - 1, 0) for p in pending])
             self.root_logits = out.logits[torch.arange(B), last]
+            _check_finite(self.root_logits, self.name)
             self.cached = [c + len(p) for c, p in zip(self.cached, pending)]
         self.child_slot: list[dict[tuple[int, int], int]] = [{} for _ in range(B)]
         self.spec_size = 0
@@ -94,6 +104,7 @@ class ModelDrafter(Drafter):
                 for j, it in enumerate(row):
                     tokens[b, j], parents[b, j], real[b, j] = it.token, it.handle, True
             logits = self.runner.append(tokens, parents, real).logits
+            _check_finite(logits, self.name)
             slots = self.spec_size
             self.spec_size += n
         out: list[list[Candidates]] = []
