@@ -1,0 +1,130 @@
+"""Speculation on the real models: every drafter and both HF routes are token-identical to
+the model's own greedy ``generate``; the CLI reports what the README promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import real_model
+
+import specplug.hf as sh
+from specplug.models import encode_prompt
+
+pytestmark = pytest.mark.slow
+
+CODE_EDIT = """Rename the variable `total` to `acc` in this function and change nothing else:
+
+```python
+def compute_total(items):
+    total = 0
+    for item in items:
+        if item.price > 0:
+            total += item.price * item.quantity
+    return total
+```"""
+
+PROMPTS = [CODE_EDIT, "List three primary colors, one per line.",
+           "Write one sentence about the sea."]
+
+
+def smol():
+    return real_model("smollm2-135m")
+
+
+def batch(tokenizer, texts):
+    rows = [encode_prompt(tokenizer, t) for t in texts]
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):] = torch.tensor(r)
+        mask[b, L - len(r):] = 1
+    return ids, mask
+
+
+DRAFTERS = {
+    "ngram": {},
+    "layer_skip": {"layers": 12},
+    "draft_model": {"model": "smollm2-135m"},  # itself: the plumbing on a real model
+}
+
+
+@pytest.mark.parametrize("method", sorted(DRAFTERS))
+def test_assistant_route_real(method):
+    model, tok = smol()
+    ids = torch.tensor([encode_prompt(tok, CODE_EDIT)])
+    want = model.generate(ids, max_new_tokens=40, do_sample=False)
+    a = sh.assistant(model, method, num_speculative_tokens=4, **DRAFTERS[method])
+    got = model.generate(ids, max_new_tokens=40, do_sample=False, assistant_model=a)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tree", ["chain", "dynamic"])
+@pytest.mark.parametrize("method", sorted(DRAFTERS))
+def test_engine_route_real_batch(method, tree):
+    model, tok = smol()
+    ids, mask = batch(tok, PROMPTS)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    extra = {"tree_budget": 10} if tree == "dynamic" else {}
+    got, stats = sh.generate(model, ids, mask, max_new_tokens=32, do_sample=False,
+                             method=method, tree=tree, return_stats=True,
+                             **DRAFTERS[method], **extra)
+    assert torch.equal(got, want)
+    if method == "draft_model":  # drafting with the target itself: every token accepted
+        assert stats.mean_accepted_tokens > 4.0
+
+
+def test_custom_generate_real():
+    model, tok = smol()
+    ids = torch.tensor([encode_prompt(tok, CODE_EDIT)])
+    want = model.generate(ids, max_new_tokens=40, do_sample=False)
+    got = model.generate(ids, max_new_tokens=40, do_sample=False,
+                         custom_generate=sh.custom_generate("ngram", tree="static",
+                                                            tree_paths=[[0], [1], [0, 0]]))
+    assert torch.equal(got, want)
+
+
+def test_stop_strings_match_transformers():
+    model, tok = smol()
+    ids = torch.tensor([encode_prompt(tok, PROMPTS[1])])
+    want = model.generate(ids, max_new_tokens=40, do_sample=False, stop_strings=["\n"],
+                          tokenizer=tok)
+    got = sh.generate(model, ids, max_new_tokens=40, do_sample=False, stop_strings=["\n"],
+                      tokenizer=tok, method="ngram")
+    assert torch.equal(got, want)
+    assert got.shape[1] < ids.shape[1] + 40
+
+
+def test_gemma_sliding_window_crossed():
+    """Prompt + output past Gemma's 512-token sliding window: still identical."""
+    model, tok = real_model("gemma3-270m")
+    text = (CODE_EDIT + "\n") * 14 + "\nAnswer:\n```python\n"
+    ids = torch.tensor([encode_prompt(tok, text)])
+    assert ids.shape[1] > 480
+    want = model.generate(ids, max_new_tokens=48, do_sample=False)
+    got = sh.generate(model, ids, max_new_tokens=48, do_sample=False, method="ngram",
+                      tree="dynamic", tree_budget=8)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name, prompt", [
+    ("smollm2-135m", CODE_EDIT),
+    ("gemma3-270m", CODE_EDIT + "\n\nAnswer:\n```python\n"),
+])
+def test_cli_run_compare_json(name, prompt):
+    real_model(name)  # skips when the package is missing
+    out = subprocess.run(
+        [sys.executable, "-m", "specplug.cli", "run", "--model", name, "--method", "ngram",
+         "--compare", "--json", "--max-new-tokens", "48", "--prompt", prompt],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("text", "new_tokens", "mean_accepted_tokens", "tokens_per_s",
+                "baseline_tokens_per_s", "speedup", "identical"):
+        assert key in report, key
+    assert report["identical"] is True
+    assert report["new_tokens"] > 0 and report["mean_accepted_tokens"] >= 1.0
