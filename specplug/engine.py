@@ -68,7 +68,13 @@ class ModelTargetRunner:
         tokens = torch.cat([roots[:, None], tree.tokens], 1)
         parents = torch.cat([torch.full((B, 1), -1, dtype=torch.long), tree.parents + 1], 1)
         real = torch.cat([torch.ones(B, 1, dtype=torch.bool), layout.real], 1)
-        return self.runner.append(tokens, parents, real)
+        N = tree.width
+        anc = torch.zeros(B, N + 1, N + 1, dtype=torch.bool)
+        anc[:, 0, 0] = True
+        anc[:, 1:, 0] = layout.real  # every real node sees the root
+        anc[:, 1:, 1:] = layout.ancestors
+        depth = torch.cat([torch.zeros(B, 1, dtype=torch.long), layout.depth], 1)
+        return self.runner.append(tokens, parents, real, anc, depth)
 
     def commit(self, result: VerifyResult) -> None:
         B = result.num_accepted.shape[0]
@@ -92,7 +98,7 @@ class GenerationStats:
 
     target_forwards: int = 0
     accepted_per_step: list[list[int]] = field(default_factory=list)  # per row
-    draft_nodes_per_step: list[list[int]] = field(default_factory=list)  # per row
+    draft_depth_per_step: list[list[int]] = field(default_factory=list)  # per row: tree depth
     wall_time_s: float = 0.0
 
     @property
@@ -108,8 +114,9 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted draft tokens / drafted depth-path tokens, over all steps."""
-        drafted = sum(sum(r) for r in self.draft_nodes_per_step)
+        """Accepted draft tokens / the depth of the trees drafted (what could have been
+        accepted), over all steps."""
+        drafted = sum(sum(r) for r in self.draft_depth_per_step)
         acc = sum(sum(r) for r in self.accepted_per_step)
         return acc / drafted if drafted else 0.0
 
@@ -193,7 +200,7 @@ def speculative_generate(
     hook = get_plugin_manager().hook.specplug_on_step
     eos = set(int(e) for e in eos_token_ids)
     stats = GenerationStats(accepted_per_step=[[] for _ in range(B)],
-                            draft_nodes_per_step=[[] for _ in range(B)])
+                            draft_depth_per_step=[[] for _ in range(B)])
     t0 = time.perf_counter()
 
     out = runner.prefill(input_ids, attention_mask)
@@ -235,7 +242,7 @@ def speculative_generate(
             new[b] += added
             tokens[b] += added
             stats.accepted_per_step[b].append(len(added) - 1)
-            stats.draft_nodes_per_step[b].append(int(layout.depth[b].max()) if
+            stats.draft_depth_per_step[b].append(int(layout.depth[b].max()) if
                                                  int(tree.num_nodes[b]) else 0)
             accepted_out[b], bonus_out[b] = added[:-1], added[-1]
             active[b] = not done

@@ -191,20 +191,10 @@ class ModelRunner:
         visible = (causal[None] & am[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]
         return self._forward(input_ids, pos, self._masks(visible, self.vidx, self.vidx), 1)
 
-    @torch.inference_mode()
-    def append(self, tokens: torch.Tensor, parents: torch.Tensor, real: torch.Tensor
-               ) -> RunnerOutput:
-        """Score new speculative nodes.
-
-        Args:
-            tokens: ``[B, n]`` int64.
-            parents: ``[B, n]`` int64 index into the speculative region (earlier nodes,
-                including ones in this call), or -1 to follow the committed tokens.
-            real: ``[B, n]`` bool; padding nodes see only themselves.
-        Returns:
-            logits ``[B, n, V]`` (and hidden ``[B, n, H]``).
-        """
-        B, n = tokens.shape
+    def _extend_ancestry(self, parents: torch.Tensor, real: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ancestor mask ``[B, S+n, S+n]`` and depths ``[B, S+n]`` with n new nodes added."""
+        B, n = parents.shape
         S = self.spec_depth.shape[1]
         anc = torch.zeros(B, S + n, S + n, dtype=torch.bool)
         anc[:, :S, :S] = self.spec_anc
@@ -215,12 +205,38 @@ class ModelRunner:
         pidx = parents.clamp(min=0)
         # parents precede children, so one pass in node order settles depth and ancestry
         for i in range(n):
-            hp = has_parent[:, i]
-            if hp.any():
-                p = pidx[:, i]
-                rows = hp.nonzero(as_tuple=True)[0]
-                anc[rows, S + i] |= anc[rows, p[rows]]
-                depth[rows, S + i] = depth[rows, p[rows]] + 1
+            rows = has_parent[:, i].nonzero(as_tuple=True)[0]
+            if len(rows):
+                p = pidx[rows, i]
+                anc[rows, S + i] |= anc[rows, p]
+                depth[rows, S + i] = depth[rows, p] + 1
+        return anc, depth
+
+    @torch.inference_mode()
+    def append(self, tokens: torch.Tensor, parents: torch.Tensor, real: torch.Tensor,
+               ancestors: torch.Tensor | None = None, depth: torch.Tensor | None = None
+               ) -> RunnerOutput:
+        """Score new speculative nodes.
+
+        Args:
+            tokens: ``[B, n]`` int64.
+            parents: ``[B, n]`` int64 index into the speculative region (earlier nodes,
+                including ones in this call), or -1 to follow the committed tokens.
+            real: ``[B, n]`` bool; padding nodes see only themselves.
+            ancestors, depth: optional ``[B, n, n]`` bool (self included) and ``[B, n]`` int64
+                for the new nodes, when the caller already has them and the speculative
+                region is empty (the target scoring a whole tree); else derived from parents.
+        Returns:
+            logits ``[B, n, V]`` (and hidden ``[B, n, H]``).
+        """
+        B, n = tokens.shape
+        S = self.spec_depth.shape[1]
+        if ancestors is not None and depth is not None:
+            if S:
+                raise ValueError("precomputed ancestry is only for an empty speculative region")
+            anc = ancestors
+        else:
+            anc, depth = self._extend_ancestry(parents, real)
         self.spec_anc, self.spec_depth = anc, depth
         q_vidx = self.vlen[:, None] + depth[:, S:]
         self.valid = torch.cat([self.valid, torch.zeros(B, n, dtype=torch.bool)], 1)

@@ -97,8 +97,8 @@ class StepOutcome:
 
     Attributes:
         accepted: the draft tokens accepted, in path order (may be empty).
-        bonus: the token the target chose after the accepted path (the next root), or None
-            for a row that finished inside this step.
+        bonus: the token the target chose after the accepted path (the next root; EOS or the
+            last token when the row finished in this step); None for rows already finished.
         tokens: every committed token of the row after this step (prompt included).
     """
 
