@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import real_model
+from real_models import real_model
 
 import specplug.hf as sh
 from specplug.models import encode_prompt
@@ -114,7 +114,7 @@ def test_gemma_sliding_window_crossed():
 @pytest.mark.parametrize("name, prompt", [
     ("smollm2-135m", CODE_EDIT),
     ("gemma3-270m", CODE_EDIT + "\n\nAnswer:\n```python\n"),
-])
+], ids=["smollm2-135m", "gemma3-270m"])
 def test_cli_run_compare_json(name, prompt):
     real_model(name)  # skips when the package is missing
     out = subprocess.run(

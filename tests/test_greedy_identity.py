@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_greedy, repetitive_prompts, tiny_llama
+from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug import SpecConfig
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
@@ -23,7 +23,7 @@ TREES = {
 def drafter_options(method, model_name):
     if method == "draft_model":
         # a different random model of the same shape: low acceptance, still identical output
-        from conftest import MODELS
+        from tiny_models import MODELS
         return {"model": MODELS[model_name](seed=1)}
     if method == "layer_skip":
         return {"layers": 2}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import MODELS, VOCAB, repetitive_prompts, tiny_gemma, tiny_llama
 from specplug.adapters import hf as hf_adapter
+from tiny_models import MODELS, VOCAB, repetitive_prompts, tiny_gemma, tiny_llama
 
 import specplug.hf as sh
 

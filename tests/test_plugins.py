@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from conftest import reference_greedy, repetitive_prompts, tiny_llama
+from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug import SpecConfig
 from specplug.drafters.base import Candidates, Drafter

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_gemma, tiny_llama
+from tiny_models import tiny_gemma, tiny_llama
 
 from specplug.runner import ModelRunner
 
