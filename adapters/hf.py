@@ -16,8 +16,9 @@ sampling):
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
 from specplug.sampling import SamplingParams
 from specplug.tree import ChainBuilder
 
-__all__ = ["SUPPORTED", "Assistant", "assistant", "custom_generate", "generate"]
+__all__ = ["SUPPORTED", "Assistant", "assistant", "custom_generate", "generate",
+           "record_matches"]
 
 #: transformers versions whose private ``_get_candidate_generator`` seam is known to work
 SUPPORTED = (Version("5.0"), Version("6.0"))
@@ -181,6 +183,34 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
 
 
 _original_get_candidate_generator: Callable[..., Any] | None = None
+_match_recorders: list[list[int]] = []
+
+
+@contextlib.contextmanager
+def record_matches(into: list[int]) -> Iterator[None]:
+    """While active, every assisted-decoding step of any candidate generator (transformers'
+    own included) appends its number of accepted draft tokens to ``into`` (for benchmarks)."""
+    install()
+    _match_recorders.append(into)
+    try:
+        yield
+    finally:
+        _match_recorders.remove(into)
+
+
+def _recording(generator: CandidateGenerator) -> CandidateGenerator:
+    if not _match_recorders:
+        return generator
+    sinks = list(_match_recorders)
+    update = generator.update_candidate_strategy
+
+    def update_candidate_strategy(input_ids: Any, scores: Any, num_matches: int) -> None:
+        for sink in sinks:
+            sink.append(int(num_matches))
+        update(input_ids, scores, num_matches)
+
+    generator.update_candidate_strategy = update_candidate_strategy  # type: ignore[method-assign]
+    return generator
 
 
 def install() -> None:
@@ -197,8 +227,8 @@ def install() -> None:
             if assistant_model.target is not self:
                 raise ValueError("this specplug assistant was built for another model; build "
                                  "it with specplug.hf.assistant(<the model you generate with>)")
-            return assistant_model.candidate_generator(generation_config)
-        return original(self, generation_config, *args, **kwargs)
+            return _recording(assistant_model.candidate_generator(generation_config))
+        return _recording(original(self, generation_config, *args, **kwargs))
 
     _original_get_candidate_generator = original
     GenerationMixin._get_candidate_generator = _get_candidate_generator

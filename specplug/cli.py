@@ -113,6 +113,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from specplug.bench.harness import BASELINE, aggregate, run_benchmark
+    from specplug.bench.methods import parse_method
+    from specplug.bench.prompts import load_questions
+    from specplug.bench.report import markdown_table, write_results
+    from specplug.models import load_model
+
+    torch.set_grad_enabled(False)
+    questions = load_questions(args.prompts, args.limit, args.categories)
+    model, tokenizer = load_model(args.model)
+    loaded: dict[str, Any] = {}
+
+    def load(name: str) -> Any:
+        if name not in loaded:
+            loaded[name] = load_model(name)[0]
+        return loaded[name]
+
+    specs = [BASELINE] + [m for m in args.methods.split(";" if ";" in args.methods else " ")
+                          if m and m != BASELINE]
+    methods = [parse_method(s, model, load, args.temperature) for s in specs]
+    rows = run_benchmark(model, tokenizer, questions, methods,
+                         max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                         temperature=args.temperature, progress=not args.no_progress)
+    aggregates = aggregate(rows)
+    settings = {"model": args.model, "methods": specs, "prompts": str(args.prompts),
+                "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                "repeats": args.repeats, "temperature": args.temperature,
+                "command": "specplug " + " ".join(sys.argv[1:])}
+    write_results(Path(args.out), settings, rows, aggregates, plots=not args.no_plots)
+    print(markdown_table(aggregates, args.model))
+    bad = {m: a["overall"]["mismatches"] for m, a in aggregates.items()
+           if a["overall"]["mismatches"]}
+    if bad:
+        print(f"ERROR: outputs differ from {BASELINE} (turns): {bad}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specplug", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -138,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run plain model.generate, interleaved, and compare")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=_cmd_run)
+
+    b = sub.add_parser("bench", help="interleaved side-by-side benchmark on a prompt set")
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--methods", required=True,
+                   help="space- or ';'-separated: specplug methods (ngram, "
+                        "layer_skip:layers=8, ...) and baselines hf:greedy, "
+                        "hf:prompt_lookup[:K], hf:early_exit[:LAYER], hf:assisted:model=NAME; "
+                        "hf:greedy always runs first")
+    b.add_argument("--prompts", default="benchmarks/prompts.jsonl",
+                   help="JSONL in the MT-bench question format")
+    b.add_argument("--limit", type=int, default=None, help="first N questions per category")
+    b.add_argument("--categories", nargs="*", default=None)
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=1, help="interleaved repeats (median time)")
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--out", required=True, help="folder for results.json, results.md, plots")
+    b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

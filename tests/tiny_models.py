@@ -68,3 +68,19 @@ def reference_greedy(model, ids, mask, max_new_tokens, eos=None):
             row = row[: row.index(eos) + 1]
         rows.append(row)
     return rows
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+
+
+def tiny_tokenizer():
+    """An offline word-level tokenizer over ids [0, VOCAB): <unk>=0, <s>=1, </s>=2, w0.. ."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    backend = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>")

@@ -1,0 +1,1 @@
+"""``specplug bench``: side-by-side speed and acceptance against what users run today."""

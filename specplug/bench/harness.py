@@ -1,0 +1,167 @@
+"""The interleaved benchmark loop and its aggregates.
+
+Methods run prompt by prompt in a fixed interleaved order (A B C A B C ...) after a warm-up, so
+drift on a noisy machine hits all of them alike. Multi-turn questions replay the baseline's
+own earlier answers. At temperature 0 every method's tokens are compared with the baseline's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from specplug.bench.methods import Method
+from specplug.bench.prompts import Question
+
+__all__ = ["BASELINE", "Row", "aggregate", "run_benchmark"]
+
+BASELINE = "hf:greedy"
+
+
+@dataclass
+class Row:
+    """One method on one turn of one question (times: every repeat, seconds)."""
+
+    question_id: int | str
+    category: str
+    turn: int
+    method: str
+    prompt_tokens: int
+    new_tokens: int
+    times_s: list[float]
+    target_forwards: int
+    accepted_per_step: list[int]
+    identical: bool | None  # None: not checked (sampling) or the baseline itself
+    first_mismatch: int | None = None
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["wall_s"] = self.wall_s
+        return d
+
+
+def _first_mismatch(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@dataclass
+class Progress:
+    """What the progress bar shows; ``update`` is called once per generation."""
+
+    total: int
+    bar: Any = field(default=None)
+
+    def __post_init__(self) -> None:
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="gen", dynamic_ncols=True)
+        except ImportError:  # tqdm is in the hf extra; without it, no bar
+            self.bar = None
+
+    def update(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text[:60])
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_benchmark(model: Any, tokenizer: Any, questions: Sequence[Question],
+                  methods: Sequence[Method], *, max_new_tokens: int, repeats: int = 1,
+                  temperature: float = 0.0, progress: bool = True) -> list[Row]:
+    """Run every method on every turn, interleaved; the baseline must be ``methods[0]``."""
+    from specplug.models import encode_conversation
+
+    if not methods or methods[0].name != BASELINE:
+        raise ValueError(f"the first method must be the baseline {BASELINE!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    check = temperature == 0.0
+    turns = sum(len(q.turns) for q in questions)
+    bar = Progress(turns * len(methods) * repeats + len(methods)) if progress else None
+    warm = torch.tensor([encode_conversation(
+        tokenizer, [{"role": "user", "content": questions[0].turns[0]}])])
+    for m in methods:
+        m.run(warm, min(8, max_new_tokens))
+        if bar:
+            bar.update(f"warm-up {m.name}")
+    rows: list[Row] = []
+    for q in questions:
+        history: list[dict[str, str]] = []
+        for t, turn in enumerate(q.turns):
+            history.append({"role": "user", "content": turn})
+            ids = torch.tensor([encode_conversation(tokenizer, history)])
+            times: dict[str, list[float]] = {m.name: [] for m in methods}
+            runs: dict[str, Any] = {}
+            for _ in range(repeats):
+                for m in methods:
+                    if bar:
+                        bar.update(f"{q.category} #{q.question_id}.{t + 1} {m.name}")
+                    t0 = time.perf_counter()
+                    runs[m.name] = m.run(ids, max_new_tokens)
+                    times[m.name].append(time.perf_counter() - t0)
+            ref = runs[BASELINE].tokens
+            for m in methods:
+                r = runs[m.name]
+                same = None if (not check or m.name == BASELINE) else r.tokens == ref
+                rows.append(Row(q.question_id, q.category, t + 1, m.name, ids.shape[1],
+                                len(r.tokens), times[m.name], r.target_forwards,
+                                r.accepted_per_step, same,
+                                None if same in (None, True) else _first_mismatch(r.tokens,
+                                                                                   ref)))
+            history.append({"role": "assistant",
+                            "content": tokenizer.decode(ref, skip_special_tokens=True)})
+    if bar:
+        bar.close()
+    return rows
+
+
+def _summary(rows: list[Row], base: list[Row]) -> dict[str, Any]:
+    tok, sec = sum(r.new_tokens for r in rows), sum(r.wall_s for r in rows)
+    btok, bsec = sum(r.new_tokens for r in base), sum(r.wall_s for r in base)
+    per_prompt = [(r.new_tokens / r.wall_s) / (b.new_tokens / b.wall_s)
+                  for r, b in zip(rows, base) if r.wall_s > 0 and b.wall_s > 0 and b.new_tokens]
+    fwd = sum(r.target_forwards for r in rows)
+    return {
+        "turns": len(rows),
+        "new_tokens": tok,
+        "tokens_per_s": tok / sec if sec else 0.0,
+        "speedup": (tok / sec) / (btok / bsec) if sec and bsec and btok else 0.0,
+        "median_prompt_speedup": statistics.median(per_prompt) if per_prompt else 0.0,
+        "mean_accepted_tokens": tok / fwd if fwd else 0.0,
+        "mismatches": sum(1 for r in rows if r.identical is False),
+    }
+
+
+def aggregate(rows: list[Row]) -> dict[str, Any]:
+    """Per method: overall and per-category throughput speedup over the baseline (ratio of
+    tokens per second over the same turns), median per-turn speedup, mean accepted tokens per
+    target forward, and the number of turns whose tokens differ from the baseline."""
+    methods = list(dict.fromkeys(r.method for r in rows))
+    cats = sorted({r.category for r in rows})
+    key = lambda r: (r.question_id, r.turn)  # noqa: E731
+    base = {key(r): r for r in rows if r.method == BASELINE}
+    out: dict[str, Any] = {}
+    for m in methods:
+        mine = [r for r in rows if r.method == m]
+        out[m] = {"overall": _summary(mine, [base[key(r)] for r in mine]),
+                  "categories": {}}
+        for c in cats:
+            sub = [r for r in mine if r.category == c]
+            out[m]["categories"][c] = _summary(sub, [base[key(r)] for r in sub])
+    return out

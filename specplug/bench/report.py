@@ -1,0 +1,116 @@
+"""Writing a benchmark's results: ``results.json``, ``results.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from specplug.bench.harness import BASELINE, Row
+
+__all__ = ["machine_info", "markdown_table", "write_plots", "write_results"]
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str] = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for mod in ("transformers", "specplug"):
+        with contextlib.suppress(ImportError):
+            versions[mod] = __import__(mod).__version__
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "gpu": None, "versions": versions}
+
+
+def markdown_table(aggregates: dict[str, Any], title: str) -> str:
+    """Spec-Bench style: speedup (mean accepted tokens) per category and overall."""
+    methods = list(aggregates)
+    cats = list(next(iter(aggregates.values()))["categories"])
+    head = ["method", *cats, "overall", "mismatches"]
+    lines = [f"### {title}", "",
+             "Each cell: speedup over `hf:greedy` (tokens/s ratio) / mean accepted tokens per "
+             "target forward.", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for m in methods:
+        a = aggregates[m]
+        cells = [f"{a['categories'][c]['speedup']:.2f}x / {a['categories'][c]['mean_accepted_tokens']:.2f}"
+                 for c in cats]
+        o = a["overall"]
+        mism = o["mismatches"]
+        flag = f"**{mism} MISMATCH**" if mism else "0"
+        lines.append(f"| `{m}` | " + " | ".join(cells) +
+                     f" | **{o['speedup']:.2f}x** / {o['mean_accepted_tokens']:.2f} | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(rows: list[Row], aggregates: dict[str, Any], out: Path, title: str) -> list[str]:
+    """``speedup_by_category.png`` and ``accepted_lengths.png``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in aggregates if m != BASELINE]
+    cats = list(next(iter(aggregates.values()))["categories"])
+    fig, ax = plt.subplots(figsize=(max(8, len(cats) * 1.3), 4.5))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        vals = [aggregates[m]["categories"][c]["speedup"] for c in cats] + \
+            [aggregates[m]["overall"]["speedup"]]
+        ax.bar([j + i * width for j in range(len(cats) + 1)], vals, width, label=m)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(cats) + 1)])
+    ax.set_xticklabels([*cats, "overall"], rotation=30, ha="right")
+    ax.set_ylabel("speedup over hf:greedy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speedup_by_category.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for m in methods:
+        counts = Counter(a for r in rows if r.method == m for a in r.accepted_per_step)
+        if not counts:
+            continue
+        total = sum(counts.values())
+        xs = sorted(counts)
+        ax.plot(xs, [counts[x] / total for x in xs], marker="o", label=m)
+    ax.set_xlabel("draft tokens accepted in a step")
+    ax.set_ylabel("fraction of steps")
+    ax.set_title(f"{title}: accepted length per step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accepted_lengths.png", dpi=110)
+    plt.close(fig)
+    return ["speedup_by_category.png", "accepted_lengths.png"]
+
+
+def write_results(out: Path, settings: dict[str, Any], rows: list[Row],
+                  aggregates: dict[str, Any], plots: bool = True) -> dict[str, Any]:
+    """Write everything to ``out``; returns the JSON document."""
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{settings['model']}, {settings['max_new_tokens']} new tokens, " \
+            f"T={settings['temperature']}"
+    doc = {"machine": machine_info(), "settings": settings,
+           "rows": [r.to_json() for r in rows], "aggregates": aggregates}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    table = markdown_table(aggregates, title)
+    (out / "results.md").write_text(table)
+    doc["files"] = ["results.json", "results.md"]
+    if plots:
+        doc["files"] += write_plots(rows, aggregates, out, title)
+    return doc

@@ -1,0 +1,139 @@
+"""The benchmark harness on a tiny model: parsing, interleaving, multi-turn replay, mismatch
+detection and the results schema. Nothing here times anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import WORDS, tiny_llama, tiny_tokenizer
+
+from specplug.bench.harness import BASELINE, aggregate, run_benchmark
+from specplug.bench.methods import Method, MethodRun, parse_method
+from specplug.bench.prompts import load_questions
+from specplug.bench.report import write_results
+from specplug.cli import main
+
+
+def sentence(seed: int, n: int = 12) -> str:
+    g = torch.Generator().manual_seed(seed)
+    motif = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (4,), generator=g)]
+    return " ".join((motif * n)[:n])
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    rows = [
+        {"question_id": 1, "category": "code_editing", "turns": [sentence(1)]},
+        {"question_id": 2, "category": "code_editing", "turns": [sentence(2)]},
+        {"question_id": 3, "category": "multi_turn", "turns": [sentence(3), sentence(4, 6)]},
+        {"question_id": 4, "category": "qa", "turns": [sentence(5)]},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_load_questions_and_limit(prompt_file):
+    qs = load_questions(prompt_file)
+    assert [q.question_id for q in qs] == [1, 2, 3, 4]
+    assert qs[2].turns[1] == sentence(4, 6)
+    assert [q.question_id for q in load_questions(prompt_file, limit=1)] == [1, 3, 4]
+    assert [q.category for q in load_questions(prompt_file, categories=["qa"])] == ["qa"]
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"category": "x", "turns": ["a"]}', "missing field 'question_id'"),
+    ('{"question_id": 1, "category": "x", "turns": []}', "non-empty list"),
+    ('{"question_id": 1, "category": "x", "turns": "a"}', "non-empty list"),
+    ("{not json", "not JSON"),
+])
+def test_load_questions_errors(tmp_path, line, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=needle):
+        load_questions(path)
+
+
+def test_parse_method_errors():
+    model = tiny_llama(0)
+    with pytest.raises(ValueError, match="unknown baseline 'hf:beam'"):
+        parse_method("hf:beam", model, lambda n: None)
+    with pytest.raises(ValueError, match="unknown speculative method 'nope'"):
+        parse_method("nope", model, lambda n: None)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_method("ngram:prompt_lookup_max", model, lambda n: None)
+
+
+class Logged:
+    def __init__(self, method: Method, log: list[str]):
+        self.name, self.inner, self.log = method.name, method, log
+
+    def run(self, ids, max_new):
+        self.log.append(self.name)
+        return self.inner.run(ids, max_new)
+
+
+def test_interleaving_replay_mismatch_and_schema(prompt_file, tmp_path):
+    model, tok = tiny_llama(0), tiny_tokenizer()
+    log: list[str] = []
+    specs = [BASELINE, "ngram:num_speculative_tokens=3", "hf:prompt_lookup:3"]
+    methods = [Logged(parse_method(s, model, lambda n: None), log) for s in specs]
+    broken = Method("broken", lambda ids, n: MethodRun(
+        [7] + methods[0].inner.run(ids, n).tokens[1:], 1, []))
+    methods.append(Logged(broken, log))
+    questions = load_questions(prompt_file)
+    rows = run_benchmark(model, tok, questions, methods, max_new_tokens=10, repeats=2,
+                         progress=False)
+    names = [m.name for m in methods]
+    # warm-up once each, then A B C D A B C D for every turn (5 turns x 2 repeats)
+    assert log == names + names * 2 * 5
+    by = {(r.question_id, r.turn, r.method): r for r in rows}
+    assert len(rows) == 5 * len(methods)
+    # multi-turn: turn 2 is prompted with turn 1 + the baseline's own answer
+    assert by[(3, 2, BASELINE)].prompt_tokens > by[(3, 1, BASELINE)].prompt_tokens
+    for r in rows:
+        assert len(r.times_s) == 2 and r.new_tokens == 10
+        if r.method in specs[1:]:
+            assert r.identical is True
+    assert by[(1, 1, "hf:prompt_lookup:3")].target_forwards == \
+        len(by[(1, 1, "hf:prompt_lookup:3")].accepted_per_step)
+    bad = [r for r in rows if r.method == "broken"]
+    assert all(r.identical is False for r in bad)
+    assert {r.first_mismatch for r in bad} <= {0}
+
+    agg = aggregate(rows)
+    assert agg["broken"]["overall"]["mismatches"] == 5
+    assert agg["ngram:num_speculative_tokens=3"]["overall"]["mismatches"] == 0
+    assert set(agg[BASELINE]["categories"]) == {"code_editing", "multi_turn", "qa"}
+    assert agg[BASELINE]["overall"]["speedup"] == pytest.approx(1.0)
+
+    doc = write_results(tmp_path / "out", {"model": "tiny", "max_new_tokens": 10,
+                                           "temperature": 0.0}, rows, agg)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(saved) == {"machine", "settings", "rows", "aggregates"}
+    assert {"cpu", "cpu_count", "versions"} <= set(saved["machine"])
+    assert {"question_id", "category", "turn", "method", "new_tokens", "times_s", "wall_s",
+            "target_forwards", "accepted_per_step", "identical"} <= set(saved["rows"][0])
+    for m in agg:
+        assert {"speedup", "mean_accepted_tokens", "mismatches", "tokens_per_s",
+                "median_prompt_speedup"} <= set(saved["aggregates"][m]["overall"])
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "**5 MISMATCH**" in table and "`ngram:num_speculative_tokens=3`" in table
+    for png in ("speedup_by_category.png", "accepted_lengths.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "speedup_by_category.png" in doc["files"]
+
+
+def test_cli_bench_on_a_local_model_folder(prompt_file, tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_llama(0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    rc = main(["bench", "--model", str(folder), "--methods", "ngram hf:prompt_lookup:3",
+               "--prompts", str(prompt_file), "--limit", "1", "--max-new-tokens", "6",
+               "--out", str(tmp_path / "res"), "--no-progress", "--no-plots"])
+    assert rc == 0
+    saved = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert saved["settings"]["methods"] == [BASELINE, "ngram", "hf:prompt_lookup:3"]
+    assert len(saved["rows"]) == 4 * 3  # 3 questions (4 turns) x 3 methods
