@@ -72,12 +72,36 @@ def _spec(spec: SpecConfig | dict | str | None, options: dict[str, Any]) -> Spec
     return SpecConfig(**{**(spec or {}), **options})
 
 
+# generate() arguments that change what is returned or who drives the loop
+_NOT_RETURNED = ("return_dict_in_generate", "output_scores", "output_logits",
+                 "output_attentions", "output_hidden_states", "streamer", "logits_processor",
+                 "stopping_criteria")
+
+
+def _spec_keys(spec: Any, kwargs: dict[str, Any]) -> set[str]:
+    """Keyword names that belong to ``SpecConfig`` or to the chosen drafter's options."""
+    from specplug.plugins import get_registry
+
+    keys = set(SpecConfig.model_fields) | {"method"}
+    method = kwargs.get("method") or (spec if isinstance(spec, str) else None)
+    if method is None and isinstance(spec, dict):
+        method = spec.get("method")
+    if method is None and isinstance(spec, SpecConfig):
+        method = spec.method
+    if method is not None:
+        keys |= set(get_registry().drafter(method).Options.model_fields)
+    return keys
+
+
 def _sampling_from(gc: Any, check: bool = True) -> SamplingParams:
     """Sampling parameters from a ``GenerationConfig``; with ``check``, refuse what the engine
     cannot reproduce (so outputs never silently differ from ``generate``)."""
     for name, neutral in _UNSUPPORTED_FIELDS.items():
         value = getattr(gc, name, None) if check else None
         if value is not None and value != neutral:
+            if name in ("num_beams", "num_return_sequences"):
+                raise NotImplementedError(f"{name}={value!r}: speculative decoding generates "
+                                          "one sequence per prompt without beam search")
             raise NotImplementedError(
                 f"generation option {name}={value!r} is not supported by specplug's engine "
                 "(it would change which token the target picks); remove it, or use the "
@@ -305,13 +329,20 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
         ``[B, L + T]`` sequences (rows that stop early are padded with ``pad_token_id``), or
         ``(sequences, GenerationStats)`` with ``return_stats=True``.
     """
-    gen_keys = set(vars(type(model.generation_config)())) | {"max_new_tokens"}
-    spec_opts = {k: kwargs.pop(k) for k in list(kwargs) if k not in gen_keys}
+    for name in _NOT_RETURNED:
+        if kwargs.get(name):
+            raise NotImplementedError(f"{name} is not supported by specplug.hf.generate; it "
+                                      "returns the sequences (and GenerationStats)")
+    spec_keys = _spec_keys(spec, kwargs)
+    spec_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in spec_keys}
     config = speculator.config if speculator is not None else _spec(spec, spec_opts)
+    if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+        kwargs["max_new_tokens"] = int(kwargs.pop("max_length")) - input_ids.shape[1]
     gc = copy.deepcopy(model.generation_config)
     unknown = gc.update(**kwargs)
     if unknown:
-        raise TypeError(f"unknown generation options: {sorted(unknown)}")
+        raise TypeError(f"unknown options {sorted(unknown)}: neither generation options nor "
+                        f"options of SpecConfig / drafter {config.method!r}")
     if gc.max_new_tokens is None:
         raise ValueError("pass max_new_tokens (specplug does not guess a length)")
     sampling = _sampling_from(gc)

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, NotImplementedError, FloatingPointError) as err:
+    except (ValueError, NotImplementedError, FloatingPointError, ImportError) as err:
         print(f"specplug: error: {err}", file=sys.stderr)
         return 2
 

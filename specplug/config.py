@@ -10,7 +10,7 @@ misspelt option is an error that names it.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -40,13 +40,11 @@ class SpecConfig(BaseModel):
 
     method: str
     num_speculative_tokens: int = Field(4, ge=1, le=64)
-    tree: Literal["chain", "static", "dynamic"] = "chain"
+    tree: str = "chain"
     tree_paths: list[list[int]] | None = None
     tree_budget: int | None = Field(None, ge=1, le=512)
     tree_topk: int = Field(4, ge=1, le=64)
-    acceptance_method: Literal["rejection_sampler", "typical_acceptance_sampler"] = (
-        "rejection_sampler"
-    )
+    acceptance_method: str = "rejection_sampler"
     posterior_threshold: float = Field(0.09, gt=0.0, le=1.0)
     posterior_alpha: float = Field(0.3, gt=0.0, le=1.0)
 
@@ -57,7 +55,13 @@ class SpecConfig(BaseModel):
         from specplug.plugins import get_registry
         from specplug.tree import parse_static_paths
 
-        drafter_cls = get_registry().drafter(self.method)
+        registry = get_registry()
+        drafter_cls = registry.drafter(self.method)
+        for field, table in (("tree", registry.tree_builders),
+                             ("acceptance_method", registry.verifiers)):
+            if getattr(self, field) not in table:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not registered; "
+                                 f"registered: {', '.join(sorted(table))}")
         if self.tree == "static":
             if self.tree_paths is None:
                 raise ValueError("tree='static' needs tree_paths, e.g. [[0], [1], [0, 0]]")
@@ -72,7 +76,8 @@ class SpecConfig(BaseModel):
         except ValidationError as err:
             allowed = ", ".join(drafter_cls.Options.model_fields) or "(none)"
             problems = "; ".join(
-                f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()
+                (f"{'.'.join(str(x) for x in e['loc'])}: " if e["loc"] else "")
+                + e["msg"].removeprefix("Value error, ") for e in err.errors()
             )
             raise ValueError(
                 f"invalid option for drafter {self.method!r}: {problems}. "

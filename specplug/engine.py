@@ -84,7 +84,8 @@ class ModelTargetRunner:
 
 @dataclass
 class StepStats:
-    """Passed to the ``specplug_on_step`` hook after every verification step."""
+    """Passed to the ``specplug_on_step`` hook after every verification step (``accepted``:
+    draft tokens emitted per row, after any cut at EOS, a stop string or max_new_tokens)."""
 
     step: int
     num_nodes: list[int]
@@ -252,7 +253,7 @@ def speculative_generate(
             hidden = scored.hidden[torch.arange(B), torch.where(n_acc > 0, last + 1, 0)]
         drafter.observe(StepOutcome(accepted=accepted_out, bonus=bonus_out, tokens=tokens))
         hook(stats=StepStats(step=step, num_nodes=tree.num_nodes.tolist(),
-                             accepted=result.num_accepted.tolist(), active=list(active)))
+                             accepted=[len(a) for a in accepted_out], active=list(active)))
         step += 1
     stats.wall_time_s = time.perf_counter() - t0
     return GenerationOutput(sequences=new, stats=stats)

@@ -25,7 +25,7 @@ import torch
 from specplug.sampling import SamplingParams, probs_from_logits
 from specplug.tree import DraftTree, TreeLayout
 
-__all__ = ["VerifyResult", "verify", "verify_exact", "verify_greedy", "verify_typical"]
+__all__ = ["VerifyResult", "verify_exact", "verify_greedy", "verify_typical"]
 
 
 @dataclass
@@ -211,15 +211,3 @@ def verify_typical(tree: DraftTree, target_logits: torch.Tensor, sampling: Sampl
     else:
         bonus = torch.multinomial(end, 1, generator=generator).squeeze(-1)
     return _path_result(layout, best, depth, bonus)
-
-
-def verify(tree: DraftTree, target_logits: torch.Tensor, sampling: SamplingParams,
-           generator: torch.Generator | None = None, method: str = "exact",
-           layout: TreeLayout | None = None, **options: float) -> VerifyResult:
-    """Dispatch to a verifier by name (``exact`` is greedy at temperature 0)."""
-    if method == "exact":
-        return verify_exact(tree, target_logits, sampling, generator, layout)
-    if method == "typical":
-        return verify_typical(tree, target_logits, sampling, generator=generator,
-                              layout=layout, **options)
-    raise ValueError(f"unknown verification method {method!r}; known: exact, typical")

@@ -56,6 +56,13 @@ def test_load_questions_errors(tmp_path, line, needle):
         load_questions(path)
 
 
+def test_method_options_keep_brackets():
+    from specplug.bench.methods import _options
+
+    assert _options("tree=static,tree_paths=[[0],[1],[0,0]],layers=[0,1]") == {
+        "tree": "static", "tree_paths": [[0], [1], [0, 0]], "layers": [0, 1]}
+
+
 def test_parse_method_errors():
     model = tiny_llama(0)
     with pytest.raises(ValueError, match="unknown baseline 'hf:beam'"):
@@ -117,7 +124,8 @@ def test_interleaving_replay_mismatch_and_schema(prompt_file, tmp_path):
     assert {"question_id", "category", "turn", "method", "new_tokens", "times_s", "wall_s",
             "target_forwards", "accepted_per_step", "identical"} <= set(saved["rows"][0])
     for m in agg:
-        assert {"speedup", "mean_accepted_tokens", "mismatches", "tokens_per_s",
+        assert {"speedup", "mean_accepted_tokens", "tokens_per_forward", "mismatches",
+                "tokens_per_s",
                 "median_prompt_speedup"} <= set(saved["aggregates"][m]["overall"])
     table = (tmp_path / "out" / "results.md").read_text()
     assert "**5 MISMATCH**" in table and "`ngram:num_speculative_tokens=3`" in table

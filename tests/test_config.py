@@ -58,7 +58,8 @@ def test_invalid_static_trees(paths, needle):
 
 
 def test_tree_field_combinations():
-    assert "'chain', 'static' or 'dynamic'" in error_of(method="ngram", tree="bushy")
+    assert "tree='bushy' is not registered; registered: chain, dynamic, static" in error_of(
+        method="ngram", tree="bushy")
     assert "needs tree_paths" in error_of(method="ngram", tree="static")
     assert "only used with tree='static'" in error_of(method="ngram", tree_paths=[[0]])
     assert "only used with tree='dynamic'" in error_of(method="ngram", tree_budget=8)

@@ -132,3 +132,15 @@ def test_unsupported_transformers_version_is_refused(monkeypatch):
     monkeypatch.setattr(hf_adapter, "_original_get_candidate_generator", None)
     with pytest.raises(RuntimeError, match=r"transformers >= 5.0, < 6.0.*found 4.40.0"):
         sh.assistant(tiny_llama(0), "ngram")
+
+
+def test_generate_kwargs_are_routed_or_refused(llama):
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(TypeError, match=r"unknown options \['max_new_token'\]"):
+        sh.generate(llama, ids, max_new_token=4, method="ngram")
+    with pytest.raises(NotImplementedError, match="output_scores"):
+        sh.generate(llama, ids, max_new_tokens=4, method="ngram", output_scores=True)
+    with pytest.raises(NotImplementedError, match="without beam search"):
+        sh.generate(llama, ids, max_new_tokens=4, method="ngram", num_beams=2)
+    got = sh.generate(llama, ids, max_length=9, method="ngram", prompt_lookup_max=2)
+    assert torch.equal(got, llama.generate(ids, max_length=9, do_sample=False))

@@ -137,13 +137,18 @@ def _summary(rows: list[Row], base: list[Row]) -> dict[str, Any]:
     per_prompt = [(r.new_tokens / r.wall_s) / (b.new_tokens / b.wall_s)
                   for r, b in zip(rows, base) if r.wall_s > 0 and b.wall_s > 0 and b.new_tokens]
     fwd = sum(r.target_forwards for r in rows)
+    steps = sum(len(r.accepted_per_step) for r in rows)
+    accepted = sum(sum(r.accepted_per_step) for r in rows)
     return {
         "turns": len(rows),
         "new_tokens": tok,
         "tokens_per_s": tok / sec if sec else 0.0,
         "speedup": (tok / sec) / (btok / bsec) if sec and bsec and btok else 0.0,
         "median_prompt_speedup": statistics.median(per_prompt) if per_prompt else 0.0,
-        "mean_accepted_tokens": tok / fwd if fwd else 0.0,
+        # tokens emitted per verification step (accepted drafts + the bonus token), as
+        # GenerationStats defines it; 1.0 for plain decoding
+        "mean_accepted_tokens": (accepted + steps) / steps if steps else 1.0,
+        "tokens_per_forward": tok / fwd if fwd else 0.0,
         "mismatches": sum(1 for r in rows if r.identical is False),
     }
 
@@ -151,7 +156,8 @@ def _summary(rows: list[Row], base: list[Row]) -> dict[str, Any]:
 def aggregate(rows: list[Row]) -> dict[str, Any]:
     """Per method: overall and per-category throughput speedup over the baseline (ratio of
     tokens per second over the same turns), median per-turn speedup, mean accepted tokens per
-    target forward, and the number of turns whose tokens differ from the baseline."""
+    verification step, new tokens per target forward (prefill included), and the number of
+    turns whose tokens differ from the baseline."""
     methods = list(dict.fromkeys(r.method for r in rows))
     cats = sorted({r.category for r in rows})
     key = lambda r: (r.question_id, r.turn)  # noqa: E731

@@ -33,9 +33,23 @@ class Method:
     run: Callable[[torch.Tensor, int], MethodRun]  # (prompt ids [1, L], max_new) -> run
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets: ``a=1,b=[1,2]`` -> ``["a=1", "b=[1,2]"]``."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p.strip() for p in [*parts, cur] if p.strip()]
+
+
 def _options(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in _split_top_level(text):
         key, eq, raw = part.partition("=")
         if not eq or not key:
             raise ValueError(f"method option {part!r} must be KEY=VALUE")

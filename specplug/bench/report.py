@@ -42,7 +42,7 @@ def markdown_table(aggregates: dict[str, Any], title: str) -> str:
     head = ["method", *cats, "overall", "mismatches"]
     lines = [f"### {title}", "",
              "Each cell: speedup over `hf:greedy` (tokens/s ratio) / mean accepted tokens per "
-             "target forward.", "", "| " + " | ".join(head) + " |",
+             "verification step (accepted drafts + bonus token).", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for m in methods:
         a = aggregates[m]

@@ -47,6 +47,9 @@ def select_layers(num_layers: int, layers: int | list[int] | None) -> list[int]:
             raise ValueError(f"layer_skip layers={layers} must be fewer than the target's "
                              f"{num_layers} layers (else it is the target itself)")
         return list(range(layers))
+    if len(layers) >= num_layers:
+        raise ValueError(f"layer_skip must skip at least one of the target's {num_layers} "
+                         "layers (else it is the target itself)")
     if max(layers) >= num_layers:
         raise ValueError(f"layer index {max(layers)} out of range: the target has "
                          f"{num_layers} layers")
