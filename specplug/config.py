@@ -24,7 +24,9 @@ class SpecConfig(BaseModel):
 
     Attributes:
         method: drafter name (``ngram``, ``draft_model``, ``layer_skip`` or a plugin's).
-        num_speculative_tokens: chain length; the max depth of trees (default 4).
+        num_speculative_tokens: chain length; the max depth of trees (default: the drafter's
+            ``default_num_speculative_tokens``: 8 for ``ngram``, whose adaptive depth makes a
+            deep cap safe, 4 for model drafters).
         tree: ``chain`` | ``static`` (``tree_paths``) | ``dynamic`` (``tree_budget``,
             ``tree_topk``).
         tree_paths: static tree as paths of child ranks, e.g. ``[[0], [1], [0, 0]]``.
@@ -39,7 +41,7 @@ class SpecConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     method: str
-    num_speculative_tokens: int = Field(4, ge=1, le=64)
+    num_speculative_tokens: int | None = Field(None, ge=1, le=64)
     tree: str = "chain"
     tree_paths: list[list[int]] | None = None
     tree_budget: int | None = Field(None, ge=1, le=512)
@@ -57,6 +59,8 @@ class SpecConfig(BaseModel):
 
         registry = get_registry()
         drafter_cls = registry.drafter(self.method)
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = drafter_cls.default_num_speculative_tokens
         for field, table in (("tree", registry.tree_builders),
                              ("acceptance_method", registry.verifiers)):
             if getattr(self, field) not in table:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from specplug.config import SpecConfig
+from specplug.cost import CostModel
 from specplug.drafters.base import DraftContext, Drafter, StepOutcome
 from specplug.plugins import get_plugin_manager, get_registry
 from specplug.runner import ModelRunner, RunnerOutput
@@ -138,6 +139,7 @@ class Speculator:
     drafter: Drafter
     builder: TreeBuilder
     verifier: Callable[..., VerifyResult]
+    cost: CostModel = field(default_factory=CostModel)  # learned across this one's calls
 
     @classmethod
     def from_config(cls, config: SpecConfig, target: Any = None) -> Speculator:
@@ -222,13 +224,15 @@ def speculative_generate(
     step = 0
     while any(active):
         ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
-                           generator=generator, target_hidden=hidden)
+                           generator=generator, target_hidden=hidden, cost=speculator.cost)
         limits = [max_new_tokens - len(new[b]) - 1 if active[b] else 0 for b in range(B)]
         built = builder.build(drafter, ctx, limits, runner.vocab_size)
         tree = built.tree
         layout = TreeLayout.from_tree(tree)
         roots = torch.tensor([t[-1] for t in tokens], dtype=torch.long)
+        t_score = time.perf_counter()
         scored = runner.score(roots, tree, layout)
+        speculator.cost.observe(tree.width + 1, time.perf_counter() - t_score)
         stats.target_forwards += 1
         result = speculator.verifier(tree, scored.logits, sampling, generator, layout,
                                      speculator.config)

@@ -50,6 +50,8 @@ class DraftContext:
         generator: the step's random generator (drafters that sample use it).
         target_hidden: ``[B, H]`` the target's last-layer hidden state at the position that
             produced the root token, when the drafter asked for hidden states (else None).
+        cost: the target's measured forward cost by number of scored tokens (None when the
+            framework's loop runs the target and specplug cannot time it).
     """
 
     tokens: list[list[int]]
@@ -57,6 +59,7 @@ class DraftContext:
     sampling: SamplingParams
     generator: torch.Generator | None = None
     target_hidden: torch.Tensor | None = None
+    cost: Any = None  # specplug.cost.CostModel | None
 
 
 @dataclass
@@ -119,6 +122,8 @@ class Drafter(ABC):
     probabilistic: ClassVar[bool] = False
     #: True if the drafter needs the target's hidden states in ``DraftContext``
     needs_target_hidden: ClassVar[bool] = False
+    #: ``num_speculative_tokens`` when the config does not set it
+    default_num_speculative_tokens: ClassVar[int] = 4
 
     def __init__(self, options: DrafterOptions | None = None):
         self.options = options if options is not None else self.Options()

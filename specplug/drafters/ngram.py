@@ -5,6 +5,13 @@ positions that followed it. Each step the longest n-gram ending at the last toke
 the continuations of its ``max_matches`` most recent occurrences are merged into a trie, so a
 chain follows the continuation most occurrences agree on and a tree proposes the competing ones
 as branches (ranked by how many occurrences support them, then by recency).
+
+With ``adaptive`` (the default) the draft length is chosen each step: the drafter keeps the
+acceptance rate of its drafts for each matched n-gram size (this request's counts, shrunk
+toward its lifetime estimate) and drafts the length that maximises expected tokens per unit of
+target time under the engine's measured cost curve (``specplug.cost``). On a CPU where scoring
+more tokens is expensive, weak matches get short drafts or none; where scoring is nearly free
+(a GPU), the same rule drafts up to ``num_speculative_tokens``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from specplug.cost import best_depth
 from specplug.drafters.base import (
     EMPTY,
     Candidates,
@@ -20,6 +28,7 @@ from specplug.drafters.base import (
     Drafter,
     DrafterOptions,
     FrontierItem,
+    StepOutcome,
 )
 from specplug.hookspecs import hookimpl
 
@@ -28,6 +37,7 @@ class NgramOptions(DrafterOptions):
     prompt_lookup_min: int = Field(1, ge=1, le=16)
     prompt_lookup_max: int = Field(4, ge=1, le=16)
     max_matches: int = Field(8, ge=1, le=256)
+    adaptive: bool = True
 
     @model_validator(mode="after")
     def _order(self) -> NgramOptions:
@@ -80,14 +90,37 @@ class _RowIndex:
                     table.setdefault(tuple(tokens[t - n:t]), []).append(t)
         self.upto = len(tokens)
 
-    def lookup(self, tokens: list[int], max_matches: int) -> list[int]:
+    def lookup(self, tokens: list[int], max_matches: int) -> tuple[int, list[int]]:
+        """``(n, continuation starts)`` for the longest matching n-gram, most recent first."""
         for n in range(self.nmax, self.nmin - 1, -1):
             if len(tokens) < n:
                 continue
             starts = self.tables[n].get(tuple(tokens[-n:]))
             if starts:
-                return starts[-max_matches:][::-1]  # most recent first
-        return []
+                return n, starts[-max_matches:][::-1]
+        return 0, []
+
+
+class _Acceptance:
+    """Per matched n-gram size: draft tokens accepted (successes) and first rejections."""
+
+    REQUEST_WEIGHT = 4.0  # pseudo-observations the lifetime estimate is worth in a request
+
+    def __init__(self) -> None:
+        self.lifetime: dict[int, list[float]] = {}
+        self.request: dict[int, list[float]] = {}
+
+    def rate(self, n: int) -> float:
+        gs, gf = self.lifetime.get(n, (0.0, 0.0))
+        prior = (gs + 1.0) / (gs + gf + 2.0)  # Beta(1, 1)
+        rs, rf = self.request.get(n, (0.0, 0.0))
+        return (rs + self.REQUEST_WEIGHT * prior) / (rs + rf + self.REQUEST_WEIGHT)
+
+    def update(self, n: int, accepted: int, drafted: int) -> None:
+        failed = 1.0 if accepted < drafted else 0.0
+        for table in (self.lifetime, self.request):
+            s, f = table.setdefault(n, [0.0, 0.0])
+            table[n] = [s + accepted, f + failed]
 
 
 class NgramDrafter(Drafter):
@@ -95,11 +128,14 @@ class NgramDrafter(Drafter):
 
     name = "ngram"
     Options = NgramOptions
+    default_num_speculative_tokens = 8
 
     def __init__(self, options: NgramOptions | None = None, max_depth: int = 16):
         super().__init__(options)
         self.max_depth = max_depth
         self.rows: list[_RowIndex] = []
+        self.acceptance = _Acceptance()
+        self.drafted: list[tuple[int, int]] = []  # per row this step: (match size, depth)
 
     @classmethod
     def from_config(cls, config: Any, target: Any = None) -> NgramDrafter:
@@ -108,19 +144,34 @@ class NgramDrafter(Drafter):
     def start(self, prompts: list[list[int]]) -> None:
         o = self.options
         self.rows = [_RowIndex(o.prompt_lookup_min, o.prompt_lookup_max) for _ in prompts]
+        self.acceptance.request = {}
 
     def begin(self, ctx: DraftContext) -> list[Any]:
         if len(self.rows) != len(ctx.tokens):
             self.start(ctx.tokens)
         roots: list[Any] = []
+        self.drafted = []
         for row, toks, active in zip(self.rows, ctx.tokens, ctx.active):
-            trie = _Trie()
+            trie, n, depth = _Trie(), 0, 0
             if active:
                 row.extend(toks)
-                for rank, s in enumerate(row.lookup(toks, self.options.max_matches)):
-                    trie.insert(toks[s:s + self.max_depth], rank)
+                n, starts = row.lookup(toks, self.options.max_matches)
+                if starts:
+                    limit = self.max_depth
+                    if self.options.adaptive:
+                        limit = best_depth(self.acceptance.rate(n), limit, ctx.cost)
+                    for rank, s in enumerate(starts):
+                        cont = toks[s:s + limit]
+                        depth = max(depth, len(cont))
+                        trie.insert(cont, rank)
             roots.append(trie)
+            self.drafted.append((n, depth))
         return roots
+
+    def observe(self, outcome: StepOutcome) -> None:
+        for (n, depth), accepted in zip(self.drafted, outcome.accepted):
+            if depth:
+                self.acceptance.update(n, len(accepted), depth)
 
     def expand(self, frontier: list[list[FrontierItem]], k: int) -> list[list[Candidates]]:
         return [[item.handle.candidates(k) for item in row] for row in frontier]
