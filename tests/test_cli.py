@@ -1,0 +1,58 @@
+"""``specplug run`` on a local tiny model folder: the JSON contract and error exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import WORDS, tiny_llama, tiny_tokenizer
+
+from specplug.cli import main
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+PROMPT = " ".join(WORDS[i % 5] for i in range(30))
+
+
+def test_run_compare_json(folder, capsys):
+    rc = main(["run", "--model", folder, "--method", "ngram", "--prompt", PROMPT, "--compare",
+               "--json", "--max-new-tokens", "12", "--tree", "dynamic:budget=6"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("text", "new_tokens", "mean_accepted_tokens", "tokens_per_s",
+                "baseline_tokens_per_s", "speedup", "identical"):
+        assert key in report
+    assert report["identical"] is True and report["new_tokens"] == 12
+    assert report["config"]["tree"] == "dynamic" and report["config"]["tree_budget"] == 6
+
+
+def test_run_text_report_and_sampling(folder, capsys):
+    rc = main(["run", "--model", folder, "--method", "layer_skip", "--option", "layers=1",
+               "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0.8",
+               "--seed", "3"])
+    assert rc == 0
+    assert "mean accepted tokens/step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "eagle9"], "unknown speculative method 'eagle9'"),
+    (["--method", "ngram", "--tree", "star"], "invalid tree spec"),
+    (["--method", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
+    (["--method", "ngram", "--option", "prompt_lookup_maxx=2"], "prompt_lookup_maxx"),
+])
+def test_run_errors_exit_2(folder, capsys, args, needle):
+    rc = main(["run", "--model", folder, "--prompt", PROMPT, *args])
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_unknown_model_name(capsys):
+    assert main(["run", "--model", "no-such-model", "--prompt", "x"]) == 2
+    assert "smollm2-135m" in capsys.readouterr().err
