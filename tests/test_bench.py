@@ -12,7 +12,7 @@ from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 from specplug.bench.harness import BASELINE, aggregate, run_benchmark
 from specplug.bench.methods import Method, MethodRun, parse_method
 from specplug.bench.prompts import load_questions
-from specplug.bench.report import write_results
+from specplug.bench.report import replot, write_results
 from specplug.cli import main
 
 
@@ -132,6 +132,9 @@ def test_interleaving_replay_mismatch_and_schema(prompt_file, tmp_path):
     for png in ("speedup_by_category.png", "accepted_lengths.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "speedup_by_category.png" in doc["files"]
+    (tmp_path / "out" / "accepted_lengths.png").unlink()
+    assert replot(tmp_path / "out") == ["speedup_by_category.png", "accepted_lengths.png"]
+    assert (tmp_path / "out" / "accepted_lengths.png").exists()
 
 
 def test_cli_bench_on_a_local_model_folder(prompt_file, tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 
 from specplug.bench.harness import BASELINE, Row
 
-__all__ = ["machine_info", "markdown_table", "write_plots", "write_results"]
+__all__ = ["machine_info", "markdown_table", "replot", "write_plots", "write_results"]
 
 
 def machine_info() -> dict[str, Any]:
@@ -76,7 +76,7 @@ def write_plots(rows: list[Row], aggregates: dict[str, Any], out: Path, title: s
     ax.set_xticklabels([*cats, "overall"], rotation=30, ha="right")
     ax.set_ylabel("speedup over hf:greedy")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "speedup_by_category.png", dpi=110)
     plt.close(fig)
@@ -97,6 +97,16 @@ def write_plots(rows: list[Row], aggregates: dict[str, Any], out: Path, title: s
     fig.savefig(out / "accepted_lengths.png", dpi=110)
     plt.close(fig)
     return ["speedup_by_category.png", "accepted_lengths.png"]
+
+
+def replot(folder: Path) -> list[str]:
+    """Redraw the plots of a finished run from its ``results.json``."""
+    doc = json.loads((folder / "results.json").read_text())
+    fields = set(Row.__dataclass_fields__)
+    rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in doc["rows"]]
+    s = doc["settings"]
+    title = f"{s['model']}, {s['max_new_tokens']} new tokens, T={s['temperature']}"
+    return write_plots(rows, doc["aggregates"], folder, title)
 
 
 def write_results(out: Path, settings: dict[str, Any], rows: list[Row],
