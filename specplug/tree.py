@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,10 +198,28 @@ class TreeBuilder(ABC):
         self._grow(drafter, ctx, roots, nodes, depth_limit, sample)
         return BuiltTree(_to_tensors(nodes, sample, vocab_size), nodes)
 
-    @abstractmethod
     def _grow(self, drafter: Drafter, ctx: DraftContext, roots: list[Any],
               nodes: list[list[TreeNode]], depth_limit: list[int], sample: bool) -> None:
-        ...
+        """Expand depth by depth: choose the tips to expand, ask the drafter, add children."""
+        level = self._roots(ctx, roots, depth_limit)
+        for depth in range(1, self.max_depth + 1):
+            level = self._frontier(level, nodes)
+            if not any(level):
+                break
+            level = self._expand_level(drafter, ctx, level, nodes, depth, depth_limit, sample)
+        self._finish(nodes)
+
+    def _frontier(self, level: list[list[Tip]], nodes: list[list[TreeNode]]
+                  ) -> list[list[Tip]]:
+        """Which of the newest nodes get children (default: all)."""
+        return level
+
+    @abstractmethod
+    def _fanout(self, tip: Tip) -> int:
+        """How many children to ask for at ``tip``."""
+
+    def _finish(self, nodes: list[list[TreeNode]]) -> None:  # noqa: B027 - optional hook
+        """Last pass over the built rows (default: none)."""
 
     @staticmethod
     def _add(row: list[TreeNode], parent: int, depth: int, choice: Choice,
@@ -229,9 +246,9 @@ class TreeBuilder(ABC):
 
     def _expand_level(self, drafter: Drafter, ctx: DraftContext, level: list[list[Tip]],
                       nodes: list[list[TreeNode]], depth: int, depth_limit: list[int],
-                      sample: bool, fanout: Callable[[Tip], int]) -> list[list[Tip]]:
+                      sample: bool) -> list[list[Tip]]:
         """Ask the drafter for the children of every tip; add them; return the new tips."""
-        k = max(fanout(t) for row in level for t in row)
+        k = max(self._fanout(t) for row in level for t in row)
         cands = drafter.expand([[FrontierItem(t.handle, t.token) for t in row]
                                 for row in level], k)
         chosen: dict[tuple[int, int], list[Choice]] = {}
@@ -244,8 +261,8 @@ class TreeBuilder(ABC):
         for b, row in enumerate(level):
             for j, (tip, cand) in enumerate(zip(row, cands[b])):
                 picks = chosen.get((b, j))
-                picks = picks[: fanout(tip)] if picks is not None else \
-                    _ranked_children(cand, fanout(tip))
+                picks = picks[: self._fanout(tip)] if picks is not None else \
+                    _ranked_children(cand, self._fanout(tip))
                 prev = None
                 for rank, choice in enumerate(picks):
                     prev = self._add(nodes[b], tip.index, depth, choice, prev)
@@ -273,13 +290,8 @@ class ChainBuilder(TreeBuilder):
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.max_nodes = self.max_depth = num_speculative_tokens
 
-    def _grow(self, drafter, ctx, roots, nodes, depth_limit, sample):
-        level = self._roots(ctx, roots, depth_limit)
-        for depth in range(1, self.max_depth + 1):
-            if not any(level):
-                break
-            level = self._expand_level(drafter, ctx, level, nodes, depth, depth_limit, sample,
-                                       lambda tip: 1)
+    def _fanout(self, tip: Tip) -> int:
+        return 1
 
 
 def parse_static_paths(paths: list[list[int]] | list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -328,14 +340,11 @@ class StaticTreeBuilder(TreeBuilder):
         for p in self.paths:
             self.fanout[p[:-1]] = max(self.fanout.get(p[:-1], 0), p[-1] + 1)
 
-    def _grow(self, drafter, ctx, roots, nodes, depth_limit, sample):
-        level = self._roots(ctx, roots, depth_limit)
-        for depth in range(1, self.max_depth + 1):
-            level = [[t for t in row if t.path in self.fanout] for row in level]
-            if not any(level):
-                break
-            level = self._expand_level(drafter, ctx, level, nodes, depth, depth_limit, sample,
-                                       lambda tip: self.fanout[tip.path])
+    def _frontier(self, level, nodes):
+        return [[t for t in row if t.path in self.fanout] for row in level]
+
+    def _fanout(self, tip: Tip) -> int:
+        return self.fanout[tip.path]
 
 
 class DynamicTreeBuilder(TreeBuilder):
@@ -354,16 +363,18 @@ class DynamicTreeBuilder(TreeBuilder):
         self.budget, self.topk = budget, topk
         self.max_nodes, self.max_depth = budget, depth
 
-    def _grow(self, drafter, ctx, roots, nodes, depth_limit, sample):
-        level = self._roots(ctx, roots, depth_limit)
-        for depth in range(1, self.max_depth + 1):
-            if not any(level):
-                break
-            level = self._expand_level(drafter, ctx, level, nodes, depth, depth_limit, sample,
-                                       lambda tip: self.topk)
-            # expanding a node may depend on its own value (only pruning may not)
-            level = [sorted(row, key=lambda t, b=b: -nodes[b][t.index].value)[: self.topk]
-                     for b, row in enumerate(level)]
+    def _frontier(self, level, nodes):
+        # expanding a node may depend on its own value (only pruning may not)
+        def value(b: int, tip: Tip) -> float:
+            return nodes[b][tip.index].value if tip.index >= 0 else 1.0
+
+        return [sorted(row, key=lambda t, b=b: -value(b, t))[: self.topk]
+                for b, row in enumerate(level)]
+
+    def _fanout(self, tip: Tip) -> int:
+        return self.topk
+
+    def _finish(self, nodes):
         for b, row in enumerate(nodes):
             if len(row) > self.budget:
                 nodes[b] = _prune(row, self.budget)
