@@ -57,12 +57,36 @@ def test_adaptive_ngram_learns_from_outcomes(accepts, expect):
                        cost=curve(0.0094))
     first = _draft_depth(drafter, ctx)
     assert 0 < first < 8  # the Beta(1, 1) prior: a moderate first guess
-    for _ in range(12):
+    depths = []
+    for _ in range(40):
         depth = _draft_depth(drafter, ctx)
+        depths.append(depth)
         accepted = [0] * depth if accepts else []  # ngram only counts them
         drafter.observe(StepOutcome(accepted=[accepted], bonus=[1], tokens=tokens))
-    final = _draft_depth(drafter, ctx)
-    assert final == (0 if expect == "none" else 8)
+    late = depths[10:]
+    if expect == "deep":
+        assert late == [8] * 30
+    else:
+        assert late == [0] * 30
+
+
+def test_adaptive_ngram_retries_after_a_bad_start():
+    """A kind of match that usually pays (lifetime) but failed early in this request is
+    retried after a few idle steps, instead of being abandoned for the whole request."""
+    drafter = NgramDrafter(max_depth=8)
+    tokens = [[5, 6, 7, 8, 9] * 6]
+    ctx = DraftContext(tokens=tokens, active=[True], sampling=SamplingParams(),
+                       cost=curve(0.0094))
+    drafter.start(tokens)
+    for _ in range(20):  # earlier requests: these matches were accepted
+        depth = _draft_depth(drafter, ctx)
+        drafter.observe(StepOutcome(accepted=[[0] * depth], bonus=[1], tokens=tokens))
+    drafter.start(tokens)  # a new request starts badly
+    for _ in range(6):
+        depth = _draft_depth(drafter, ctx)
+        drafter.observe(StepOutcome(accepted=[[]], bonus=[1], tokens=tokens))
+    later = [_draft_depth(drafter, ctx) for _ in range(15)]
+    assert later[0] < 8 and max(later) > 0
 
 
 def test_adaptive_ngram_output_unchanged():

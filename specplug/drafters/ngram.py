@@ -102,25 +102,36 @@ class _RowIndex:
 
 
 class _Acceptance:
-    """Per matched n-gram size: draft tokens accepted (successes) and first rejections."""
+    """Acceptance of past drafts, by match kind: ``(n-gram size, agreeing occurrences)``.
+
+    The rate for a kind is this request's counts shrunk toward the drafter's lifetime estimate
+    (itself under a Beta(1, 1) prior). When a kind is matched but not drafted, its request
+    counts decay toward that estimate, so a request that stopped drafting retries later
+    (text that starts repeating itself must not stay undrafted).
+    """
 
     REQUEST_WEIGHT = 4.0  # pseudo-observations the lifetime estimate is worth in a request
+    IDLE_DECAY = 0.8  # request counts kept per step a matched kind is not drafted
 
     def __init__(self) -> None:
-        self.lifetime: dict[int, list[float]] = {}
-        self.request: dict[int, list[float]] = {}
+        self.lifetime: dict[tuple[int, int], list[float]] = {}
+        self.request: dict[tuple[int, int], list[float]] = {}
 
-    def rate(self, n: int) -> float:
-        gs, gf = self.lifetime.get(n, (0.0, 0.0))
-        prior = (gs + 1.0) / (gs + gf + 2.0)  # Beta(1, 1)
-        rs, rf = self.request.get(n, (0.0, 0.0))
+    def rate(self, kind: tuple[int, int]) -> float:
+        gs, gf = self.lifetime.get(kind, (0.0, 0.0))
+        prior = (gs + 1.0) / (gs + gf + 2.0)
+        rs, rf = self.request.get(kind, (0.0, 0.0))
         return (rs + self.REQUEST_WEIGHT * prior) / (rs + rf + self.REQUEST_WEIGHT)
 
-    def update(self, n: int, accepted: int, drafted: int) -> None:
+    def update(self, kind: tuple[int, int], accepted: int, drafted: int) -> None:
         failed = 1.0 if accepted < drafted else 0.0
         for table in (self.lifetime, self.request):
-            s, f = table.setdefault(n, [0.0, 0.0])
-            table[n] = [s + accepted, f + failed]
+            s, f = table.setdefault(kind, [0.0, 0.0])
+            table[kind] = [s + accepted, f + failed]
+
+    def idle(self, kind: tuple[int, int]) -> None:
+        if kind in self.request:
+            self.request[kind] = [c * self.IDLE_DECAY for c in self.request[kind]]
 
 
 class NgramDrafter(Drafter):
@@ -135,7 +146,7 @@ class NgramDrafter(Drafter):
         self.max_depth = max_depth
         self.rows: list[_RowIndex] = []
         self.acceptance = _Acceptance()
-        self.drafted: list[tuple[int, int]] = []  # per row this step: (match size, depth)
+        self.drafted: list[tuple[tuple[int, int], int]] = []  # per row: (match kind, depth)
 
     @classmethod
     def from_config(cls, config: Any, target: Any = None) -> NgramDrafter:
@@ -152,26 +163,30 @@ class NgramDrafter(Drafter):
         roots: list[Any] = []
         self.drafted = []
         for row, toks, active in zip(self.rows, ctx.tokens, ctx.active):
-            trie, n, depth = _Trie(), 0, 0
+            trie, kind, depth = _Trie(), (0, 0), 0
             if active:
                 row.extend(toks)
                 n, starts = row.lookup(toks, self.options.max_matches)
+                limit = self.max_depth
                 if starts:
-                    limit = self.max_depth
+                    agree = sum(1 for s in starts if s < len(toks) and toks[s] == toks[starts[0]])
+                    kind = (n, min(agree, 3))
                     if self.options.adaptive:
-                        limit = best_depth(self.acceptance.rate(n), limit, ctx.cost)
+                        limit = best_depth(self.acceptance.rate(kind), limit, ctx.cost)
+                        if limit == 0:
+                            self.acceptance.idle(kind)
                     for rank, s in enumerate(starts):
                         cont = toks[s:s + limit]
                         depth = max(depth, len(cont))
                         trie.insert(cont, rank)
             roots.append(trie)
-            self.drafted.append((n, depth))
+            self.drafted.append((kind, depth))
         return roots
 
     def observe(self, outcome: StepOutcome) -> None:
-        for (n, depth), accepted in zip(self.drafted, outcome.accepted):
+        for (kind, depth), accepted in zip(self.drafted, outcome.accepted):
             if depth:
-                self.acceptance.update(n, len(accepted), depth)
+                self.acceptance.update(kind, len(accepted), depth)
 
     def expand(self, frontier: list[list[FrontierItem]], k: int) -> list[list[Candidates]]:
         return [[item.handle.candidates(k) for item in row] for row in frontier]
