@@ -187,14 +187,14 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
             return input_ids, None
         ctx = DraftContext(tokens=[tokens], active=[True], sampling=self.sampling,
                            generator=self.generator)
-        built = self.builder.build(drafter, ctx, [budget], self.vocab_size)
-        n = int(built.tree.num_nodes[0])
+        tree = self.builder.build(drafter, ctx, [budget], self.vocab_size)
+        n = int(tree.num_nodes[0])
         if n == 0:
             return input_ids, None
-        cand = torch.cat([input_ids, built.tree.tokens[:, :n].to(input_ids.device)], 1)
+        cand = torch.cat([input_ids, tree.tokens[:, :n].to(input_ids.device)], 1)
         logits = None
-        if built.tree.draft_probs is not None:
-            logits = built.tree.draft_probs[:, :n].log()
+        if tree.draft_probs is not None:
+            logits = tree.draft_probs[:, :n].log()
         return cand, logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,

@@ -226,8 +226,7 @@ def speculative_generate(
         ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
                            generator=generator, target_hidden=hidden, cost=speculator.cost)
         limits = [max_new_tokens - len(new[b]) - 1 if active[b] else 0 for b in range(B)]
-        built = builder.build(drafter, ctx, limits, runner.vocab_size)
-        tree = built.tree
+        tree = builder.build(drafter, ctx, limits, runner.vocab_size)
         layout = TreeLayout.from_tree(tree)
         roots = torch.tensor([t[-1] for t in tokens], dtype=torch.long)
         t_score = time.perf_counter()

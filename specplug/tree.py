@@ -132,14 +132,6 @@ class TreeNode:
     value: float = 1.0  # cumulative draft probability of the path (uses this node's token)
 
 
-@dataclass
-class BuiltTree:
-    """A builder's result: the batched tree and the per-row node lists behind it."""
-
-    tree: DraftTree
-    nodes: list[list[TreeNode]]
-
-
 Choice = tuple[int, float, float, Any, "torch.Tensor | None"]
 
 
@@ -190,13 +182,13 @@ class TreeBuilder(ABC):
         ctx: DraftContext,
         depth_limit: list[int],
         vocab_size: int,
-    ) -> BuiltTree:
+    ) -> DraftTree:
         """Build one tree per row; row b gets no node deeper than ``depth_limit[b]``."""
         sample = (not ctx.sampling.greedy) and drafter.probabilistic
         roots = drafter.begin(ctx)
         nodes: list[list[TreeNode]] = [[] for _ in ctx.tokens]
         self._grow(drafter, ctx, roots, nodes, depth_limit, sample)
-        return BuiltTree(_to_tensors(nodes, sample, vocab_size), nodes)
+        return _to_tensors(nodes, sample, vocab_size)
 
     def _grow(self, drafter: Drafter, ctx: DraftContext, roots: list[Any],
               nodes: list[list[TreeNode]], depth_limit: list[int], sample: bool) -> None:

@@ -87,8 +87,7 @@ SAMPLINGS = {
 def emitted_pairs(builder, drafter, target_logits, sampling, seed):
     g = torch.Generator().manual_seed(seed)
     ctx = DraftContext(tokens=[[ROOT]] * N, active=[True] * N, sampling=sampling, generator=g)
-    built = builder.build(drafter, ctx, [builder.max_depth] * N, V)
-    tree = built.tree
+    tree = builder.build(drafter, ctx, [builder.max_depth] * N, V)
     logits = torch.cat([target_logits[ROOT].expand(N, 1, V), target_logits[tree.tokens]], 1)
     res = verify_exact(tree, logits, sampling, g)
     rows = res.new_tokens(tree)
@@ -153,7 +152,7 @@ def test_planted_bias_wrong_draft_probs_is_detected():
     drafter = MarkovDrafter(good, sampling, probabilistic=True)
     g = torch.Generator().manual_seed(5)
     ctx = DraftContext(tokens=[[ROOT]] * N, active=[True] * N, sampling=sampling, generator=g)
-    tree = BUILDERS["chain"]().build(drafter, ctx, [3] * N, V).tree
+    tree = BUILDERS["chain"]().build(drafter, ctx, [3] * N, V)
     wrong = probs_from_logits(good, SamplingParams(temperature=1.0))
     tree.draft_probs = wrong[torch.cat([torch.full((N, 1), ROOT), tree.tokens[:, :-1]], 1)]
     logits = torch.cat([target[ROOT].expand(N, 1, V), target[tree.tokens]], 1)

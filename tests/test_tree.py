@@ -74,9 +74,8 @@ def ctx(rows, active=None):
 
 
 def test_chain_respects_depth_limits_and_inactive_rows():
-    built = ChainBuilder(4).build(TableDrafter(), ctx([10, 20, 30], [True, True, False]),
+    t = ChainBuilder(4).build(TableDrafter(), ctx([10, 20, 30], [True, True, False]),
                                   [4, 2, 4], vocab_size=100)
-    t = built.tree
     assert t.num_nodes.tolist() == [4, 2, 0]
     assert t.tokens[0].tolist() == [11, 12, 13, 14]
     assert t.parents[0].tolist() == [-1, 0, 1, 2]
@@ -85,7 +84,7 @@ def test_chain_respects_depth_limits_and_inactive_rows():
 
 def test_static_tree_follows_the_paths():
     paths = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
-    t = StaticTreeBuilder(paths).build(TableDrafter(), ctx([0]), [9], 100).tree
+    t = StaticTreeBuilder(paths).build(TableDrafter(), ctx([0]), [9], 100)
     assert t.num_nodes.tolist() == [6]
     # children of root: 1, 2; children of 1: 2, 3; child of 2: 3; child of (1 -> 2): 3
     assert t.tokens[0].tolist() == [1, 2, 2, 3, 3, 3]
@@ -98,14 +97,14 @@ def test_static_tree_with_a_missing_candidate_drops_the_subtree():
             return [[Candidates([it.token + 1], [0.5], [None]) for it in row]
                     for row in frontier]
 
-    t = StaticTreeBuilder([[0], [1], [0, 0], [1, 0]]).build(Sparse(), ctx([0]), [9], 100).tree
+    t = StaticTreeBuilder([[0], [1], [0, 0], [1, 0]]).build(Sparse(), ctx([0]), [9], 100)
     assert t.tokens[0, : int(t.num_nodes[0])].tolist() == [1, 2]
 
 
 @pytest.mark.parametrize("budget", [1, 3, 7, 20])
 def test_dynamic_tree_budget_and_shape(budget):
     b = DynamicTreeBuilder(budget=budget, topk=3, depth=4)
-    t = b.build(TableDrafter(), ctx([0, 50]), [4, 4], 100).tree
+    t = b.build(TableDrafter(), ctx([0, 50]), [4, 4], 100)
     t.validate()
     lay = TreeLayout.from_tree(t)
     assert (t.num_nodes <= budget).all() and (t.num_nodes == min(budget, 3 + 9 + 9 + 9)).all()
