@@ -18,5 +18,5 @@ __all__ = ["SamplingParams", "SpecConfig", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "hf":
-        return importlib.import_module("specplug.adapters.hf")
+        return importlib.import_module("specplug.hf")
     raise AttributeError(f"module 'specplug' has no attribute {name!r}")

@@ -255,7 +255,6 @@ class ModelRunner:
             keep: ``[B, K]`` int64 indices into the speculative region (padding ignored).
             num_keep: ``[B]`` int64.
         """
-        B = self.batch_size
         K = int(num_keep.max()) if num_keep.numel() else 0
         keep = keep[:, :K]
         used = torch.arange(K)[None, :] < num_keep[:, None]
@@ -268,7 +267,6 @@ class ModelRunner:
         self.committed = base + K
         self.vlen = self.vlen + num_keep
         self._reset_spec()
-        del B
 
     def extend(self, tokens: list[list[int]]) -> RunnerOutput:
         """Append committed tokens (ragged per row) and commit them all; returns the logits

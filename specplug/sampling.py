@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "warp_logits", "probs_from_logits", "sample_tokens"]
+__all__ = ["SamplingParams", "check_finite", "probs_from_logits", "sample_tokens", "warp_logits"]
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,23 @@ def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scores
 
 
+def check_finite(logits: torch.Tensor, what: str = "the model") -> None:
+    """Raise a clear error if ``logits`` hold NaN: a NaN would otherwise turn silently into
+    arbitrary tokens. ``what`` names the producer in the message."""
+    if torch.isnan(logits).any():
+        raise FloatingPointError(
+            f"NaN in {what}'s logits: it produced NaN scores (broken weights, or a dtype that "
+            "overflows: use float32 or bfloat16 on CPU)"
+        )
+
+
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """``[..., V]`` logits -> ``[..., V]`` float32 probabilities of the warped distribution.
 
     Raises:
-        FloatingPointError: if the logits hold NaN (a broken model or drafter); a NaN would
-            otherwise turn silently into arbitrary tokens.
+        FloatingPointError: if the logits hold NaN (see ``check_finite``).
     """
-    if torch.isnan(logits).any():
-        raise FloatingPointError(
-            "NaN in logits: the model or drafter produced NaN scores; check its weights and dtype "
-            "(float16 on CPU overflows easily; use float32 or bfloat16)"
-        )
+    check_finite(logits)
     if params.greedy:
         idx = logits.argmax(dim=-1, keepdim=True)
         return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, idx, 1.0)
@@ -89,8 +94,7 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Draw one token per row. ``logits [B, V]`` -> ``[B]`` int64 (argmax when greedy)."""
     if params.greedy:
-        if torch.isnan(logits).any():
-            probs_from_logits(logits, params)  # raises the NaN error
+        check_finite(logits)
         return logits.argmax(dim=-1)
     probs = probs_from_logits(logits, params)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

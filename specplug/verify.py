@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specplug.sampling import SamplingParams, probs_from_logits
+from specplug.sampling import SamplingParams, check_finite, probs_from_logits
 from specplug.tree import DraftTree, TreeLayout
 
 __all__ = ["VerifyResult", "verify_exact", "verify_greedy", "verify_typical"]
@@ -58,8 +58,7 @@ def _check_logits(tree: DraftTree, logits: torch.Tensor) -> None:
     if logits.dim() != 3 or logits.shape[0] != B or logits.shape[1] != N + 1:
         raise ValueError(f"target logits must be [B, N+1, V] = [{B}, {N + 1}, V], "
                          f"got {tuple(logits.shape)}")
-    if torch.isnan(logits).any():
-        raise FloatingPointError("NaN in target logits: the target model produced NaN scores")
+    check_finite(logits, "the target model")
 
 
 def _path_result(layout: TreeLayout, best: torch.Tensor, best_depth: torch.Tensor,

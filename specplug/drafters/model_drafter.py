@@ -14,7 +14,7 @@ import torch
 
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem, StepOutcome
 from specplug.runner import ModelRunner
-from specplug.sampling import SamplingParams, probs_from_logits
+from specplug.sampling import SamplingParams, check_finite, probs_from_logits
 
 _ROOT = object()
 
@@ -24,14 +24,6 @@ def check_vocab(draft_vocab: int, target_vocab: int, what: str) -> None:
         raise ValueError(
             f"vocabulary mismatch: {what} has {draft_vocab} output tokens but the target has "
             f"{target_vocab}; a drafter must share the target's tokenizer and vocabulary"
-        )
-
-
-def _check_finite(logits: torch.Tensor, name: str) -> None:
-    if torch.isnan(logits).any():
-        raise FloatingPointError(
-            f"NaN in the {name!r} drafter's logits: its model produced NaN scores (broken "
-            "weights, or a dtype that overflows: use float32 or bfloat16 on CPU)"
         )
 
 
@@ -67,7 +59,7 @@ class ModelDrafter(Drafter):
                 ids[b, L - len(t):] = torch.tensor(t)
                 mask[b, L - len(t):] = 1
             self.root_logits = self.runner.prefill(ids, mask).logits[:, -1]
-            _check_finite(self.root_logits, self.name)
+            check_finite(self.root_logits, f"the {self.name!r} drafter")
             self.cached = [len(t) for t in ctx.tokens]
             self.started = True
         else:
@@ -75,7 +67,7 @@ class ModelDrafter(Drafter):
             out = self.runner.extend(pending)
             last = torch.tensor([max(len(p) - 1, 0) for p in pending])
             self.root_logits = out.logits[torch.arange(B), last]
-            _check_finite(self.root_logits, self.name)
+            check_finite(self.root_logits, f"the {self.name!r} drafter")
             self.cached = [c + len(p) for c, p in zip(self.cached, pending)]
         self.child_slot: list[dict[tuple[int, int], int]] = [{} for _ in range(B)]
         self.spec_size = 0
@@ -104,7 +96,7 @@ class ModelDrafter(Drafter):
                 for j, it in enumerate(row):
                     tokens[b, j], parents[b, j], real[b, j] = it.token, it.handle, True
             logits = self.runner.append(tokens, parents, real).logits
-            _check_finite(logits, self.name)
+            check_finite(logits, f"the {self.name!r} drafter")
             slots = self.spec_size
             self.spec_size += n
         out: list[list[Candidates]] = []
