@@ -2,13 +2,15 @@
 
 An incremental index maps every n-gram (``prompt_lookup_min <= n <= prompt_lookup_max``) to the
 positions that followed it. Each step the longest n-gram ending at the last token is looked up;
-the continuations of its ``max_matches`` most recent occurrences are merged into a trie, so a
-chain follows the continuation most occurrences agree on and a tree proposes the competing ones
-as branches (ranked by how many occurrences support them, then by recency).
+the continuations of its ``max_matches`` most recent occurrences are merged into a trie. A chain
+follows the occurrence whose preceding context matches the current one longest (measured up to
+32 tokens back, past the n-gram itself: in text that alternates, "A x B x A x", only the
+occurrence one period back predicts what follows ``x``), then the continuation most occurrences
+agree on, then the most recent; a tree proposes the competing continuations as branches.
 
 With ``adaptive`` (the default) the draft length is chosen each step: the drafter keeps the
-acceptance rate of its drafts for each matched n-gram size (this request's counts, shrunk
-toward its lifetime estimate) and drafts the length that maximises expected tokens per unit of
+acceptance rate of its drafts for each kind of match (context length, agreeing occurrences;
+this request's counts shrunk toward the lifetime estimate) and drafts the length that maximises expected tokens per unit of
 target time under the engine's measured cost curve (``specplug.cost``). On a CPU where scoring
 more tokens is expensive, weak matches get short drafts or none; where scoring is nearly free
 (a GPU), the same rule drafts up to ``num_speculative_tokens``.
@@ -48,26 +50,32 @@ class NgramOptions(DrafterOptions):
 
 
 class _Trie:
-    __slots__ = ("count", "rank", "children")
+    """Merged continuations. A child's rank is that of the best occurrence through it
+    (occurrences are inserted best first), so the chain follows the occurrence whose
+    preceding context matches longest, then the majority, then the most recent."""
 
-    def __init__(self, rank: int = 0):
+    __slots__ = ("count", "context", "rank", "children")
+
+    def __init__(self, context: int = 0, rank: int = 0):
         self.count = 0
+        self.context = context
         self.rank = rank
         self.children: dict[int, _Trie] = {}
 
-    def insert(self, seq: list[int], rank: int) -> None:
+    def insert(self, seq: list[int], context: int, rank: int) -> None:
         node = self
         for t in seq:
             child = node.children.get(t)
             if child is None:
-                child = node.children[t] = _Trie(rank)
+                child = node.children[t] = _Trie(context, rank)
             child.count += 1
             node = child
 
     def candidates(self, k: int) -> Candidates:
         if not self.children:
             return EMPTY
-        ranked = sorted(self.children.items(), key=lambda kv: (-kv[1].count, kv[1].rank))[:k]
+        ranked = sorted(self.children.items(),
+                        key=lambda kv: (-kv[1].context, -kv[1].count, kv[1].rank))[:k]
         total = sum(c.count for c in self.children.values())
         return Candidates(tokens=[t for t, _ in ranked],
                           probs=[c.count / total for _, c in ranked],
@@ -101,8 +109,25 @@ class _RowIndex:
         return 0, []
 
 
+MAX_CONTEXT = 32  # how far back an occurrence's matching context is measured
+
+
+def context_length(tokens: list[int], start: int, cap: int = MAX_CONTEXT) -> int:
+    """How many tokens before ``start`` equal the last tokens of ``tokens`` (at most ``cap``)."""
+    n, end = 0, len(tokens)
+    while n < cap and n < start and tokens[start - 1 - n] == tokens[end - 1 - n]:
+        n += 1
+    return n
+
+
+def _context_bucket(n: int) -> int:
+    """Coarse context-length classes for acceptance statistics: 1 2 3 4 5-7 8-15 16+."""
+    return n if n <= 4 else 5 if n < 8 else 6 if n < 16 else 7
+
+
 class _Acceptance:
-    """Acceptance of past drafts, by match kind: ``(n-gram size, agreeing occurrences)``.
+    """Acceptance of past drafts, by match kind: ``(context-length class, agreeing
+    occurrences)``.
 
     The rate for a kind is this request's counts shrunk toward the drafter's lifetime estimate
     (itself under a Beta(1, 1) prior). When a kind is matched but not drafted, its request
@@ -139,7 +164,7 @@ class NgramDrafter(Drafter):
 
     name = "ngram"
     Options = NgramOptions
-    default_num_speculative_tokens = 8
+    default_num_speculative_tokens = 16
 
     def __init__(self, options: NgramOptions | None = None, max_depth: int = 16):
         super().__init__(options)
@@ -166,19 +191,23 @@ class NgramDrafter(Drafter):
             trie, kind, depth = _Trie(), (0, 0), 0
             if active:
                 row.extend(toks)
-                n, starts = row.lookup(toks, self.options.max_matches)
+                _, starts = row.lookup(toks, self.options.max_matches)
                 limit = self.max_depth
                 if starts:
-                    agree = sum(1 for s in starts if s < len(toks) and toks[s] == toks[starts[0]])
-                    kind = (n, min(agree, 3))
+                    # best occurrence first: longest matching context, then most recent
+                    ranked = sorted(((context_length(toks, s), -r, s)
+                                     for r, s in enumerate(starts)), reverse=True)
+                    first = toks[ranked[0][2]]
+                    agree = sum(1 for _, _, s in ranked if toks[s] == first)
+                    kind = (_context_bucket(ranked[0][0]), min(agree, 3))
                     if self.options.adaptive:
                         limit = best_depth(self.acceptance.rate(kind), limit, ctx.cost)
                         if limit == 0:
                             self.acceptance.idle(kind)
-                    for rank, s in enumerate(starts):
+                    for rank, (context, _, s) in enumerate(ranked):
                         cont = toks[s:s + limit]
                         depth = max(depth, len(cont))
-                        trie.insert(cont, rank)
+                        trie.insert(cont, context, rank)
             roots.append(trie)
             self.drafted.append((kind, depth))
         return roots
