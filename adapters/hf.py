@@ -146,7 +146,7 @@ class Assistant:
         self.device = target.device
         self.generation_config = copy.deepcopy(target.generation_config)
         self.speculator = Speculator.from_config(config, target)
-        if self.speculator.drafter.needs_target_hidden:
+        if self.speculator.drafter.hidden_layers:
             raise NotImplementedError(
                 f"drafter {config.method!r} needs the target's hidden states; use "
                 "specplug.hf.generate(...)"
@@ -293,7 +293,7 @@ def _run(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
          pad_token_id: int, stop_criteria: Any, generator: torch.Generator | None,
          speculator: Speculator | None = None) -> tuple[torch.Tensor, Any]:
     speculator = speculator or Speculator.from_config(spec, model)
-    runner = ModelTargetRunner(model, output_hidden=speculator.drafter.needs_target_hidden)
+    runner = ModelTargetRunner(model, hidden_layers=speculator.drafter.hidden_layers)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     am = attention_mask.bool()

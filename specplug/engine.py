@@ -41,7 +41,8 @@ class TargetRunner(Protocol):
     max_context: int | None
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RunnerOutput:
-        """Left-padded prompts ``[B, L]`` -> logits ``[B, 1, V]`` at the last position."""
+        """Left-padded prompts ``[B, L]`` -> logits ``[B, 1, V]`` at the last position (and,
+        when the runner was asked for them, hidden features ``[B, L, F]``)."""
 
     def score(self, roots: torch.Tensor, tree: DraftTree, layout: TreeLayout) -> RunnerOutput:
         """``roots [B]`` (last committed tokens, not yet in the cache) and the tree ->
@@ -54,8 +55,8 @@ class TargetRunner(Protocol):
 class ModelTargetRunner:
     """``TargetRunner`` over an HF-style causal LM, through ``ModelRunner``."""
 
-    def __init__(self, model: Any, output_hidden: bool = False, capacity: int = 1024):
-        self.runner = ModelRunner(model, capacity=capacity, output_hidden=output_hidden)
+    def __init__(self, model: Any, hidden_layers: tuple[int, ...] = (), capacity: int = 1024):
+        self.runner = ModelRunner(model, capacity=capacity, hidden_layers=hidden_layers)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -219,7 +220,8 @@ def speculative_generate(
         new[b] += added
         tokens[b] += added
         active[b] = not done
-    hidden = out.hidden[:, -1] if out.hidden is not None else None
+    # per row, hidden features of the tokens committed since the drafter last saw any
+    hidden = None if out.hidden is None else [out.hidden[b, am[b]] for b in range(B)]
 
     step = 0
     while any(active):
@@ -250,10 +252,9 @@ def speculative_generate(
                                                  int(tree.num_nodes[b]) else 0)
             accepted_out[b], bonus_out[b] = added[:-1], added[-1]
             active[b] = not done
-        if scored.hidden is not None:
-            n_acc = result.num_accepted
-            last = result.accepted_nodes.gather(1, (n_acc - 1).clamp(min=0)[:, None])[:, 0]
-            hidden = scored.hidden[torch.arange(B), torch.where(n_acc > 0, last + 1, 0)]
+        if scored.hidden is not None:  # the root (index 0) and the accepted nodes
+            hidden = [scored.hidden[b, [0, *(result.accepted_nodes[b, :n] + 1).tolist()]]
+                      for b, n in enumerate(result.num_accepted.tolist())]
         drafter.observe(StepOutcome(accepted=accepted_out, bonus=bonus_out, tokens=tokens))
         hook(stats=StepStats(step=step, num_nodes=tree.num_nodes.tolist(),
                              accepted=[len(a) for a in accepted_out], active=list(active)))

@@ -80,7 +80,8 @@ class TreeKVCache:
 
 @dataclass
 class RunnerOutput:
-    """Logits ``[B, n, V]`` (float32) and, when asked for, last-layer hidden ``[B, n, H]``."""
+    """Logits ``[B, n, V]`` (float32) and, when asked for, hidden features ``[B, n, F]``
+    (the requested layers concatenated; prefill returns them for every prompt position)."""
 
     logits: torch.Tensor
     hidden: torch.Tensor | None
@@ -107,15 +108,16 @@ class ModelRunner:
     Args:
         model: an HF-style causal LM (``transformers`` calling convention).
         capacity: initial cache slots (grows by doubling when exceeded).
-        output_hidden: also return last-layer hidden states.
+        hidden_layers: also return these entries of transformers' ``hidden_states``,
+            concatenated on the last dimension (``(-1,)``: what the LM head reads).
     """
 
-    def __init__(self, model: Any, capacity: int = 1024, output_hidden: bool = False):
+    def __init__(self, model: Any, capacity: int = 1024, hidden_layers: tuple[int, ...] = ()):
         self.model = model
         config = model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.layer_kinds, self.windows = _mask_windows(text)
-        self.output_hidden = output_hidden
+        self.hidden_layers = tuple(hidden_layers)
         self.capacity = capacity
         self.device = next(model.parameters()).device
         self.reset(1)
@@ -161,16 +163,18 @@ class ModelRunner:
             kwargs["logits_to_keep"] = logits_to_keep
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask,
                          position_ids=position_ids.to(self.device), past_key_values=self.cache,
-                         use_cache=True, output_hidden_states=self.output_hidden, **kwargs)
-        hidden = out.hidden_states[-1] if self.output_hidden else None
-        if hidden is not None and logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+                         use_cache=True, output_hidden_states=bool(self.hidden_layers),
+                         **kwargs)
+        hidden = None
+        if self.hidden_layers:
+            hidden = torch.cat([out.hidden_states[i] for i in self.hidden_layers], -1).float()
         return RunnerOutput(logits=out.logits.float(), hidden=hidden)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                 ) -> RunnerOutput:
-        """Encode left-padded prompts ``[B, L]``; returns the last position ``[B, 1, V]``."""
+        """Encode left-padded prompts ``[B, L]``; returns the last position's logits
+        ``[B, 1, V]`` (and hidden features of all positions ``[B, L, F]``)."""
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, L, dtype=torch.long)

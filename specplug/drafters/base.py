@@ -48,8 +48,12 @@ class DraftContext:
         active: per row, False once the row has finished (its tree must stay empty).
         sampling: the target's sampling parameters.
         generator: the step's random generator (drafters that sample use it).
-        target_hidden: ``[B, H]`` the target's last-layer hidden state at the position that
-            produced the root token, when the drafter asked for hidden states (else None).
+        target_hidden: per row, ``[n_b, F]`` the target's hidden features (the layers the
+            drafter names in ``hidden_layers``, concatenated) of the tokens committed and
+            scored since the previous step, in order: at the first step the whole prompt,
+            then the root and accepted tokens of the last step. The last row is at the position
+            that produced the root. Over a generation they cover every committed token but the
+            root. None when the drafter names no layers.
         cost: the target's measured forward cost by number of scored tokens (None when the
             framework's loop runs the target and specplug cannot time it).
     """
@@ -58,7 +62,7 @@ class DraftContext:
     active: list[bool]
     sampling: SamplingParams
     generator: torch.Generator | None = None
-    target_hidden: torch.Tensor | None = None
+    target_hidden: list[torch.Tensor] | None = None
     cost: Any = None  # specplug.cost.CostModel | None
 
 
@@ -120,8 +124,11 @@ class Drafter(ABC):
     Options: ClassVar[type[DrafterOptions]] = DrafterOptions
     #: True if ``expand`` gives full distributions (exact sampling uses them)
     probabilistic: ClassVar[bool] = False
-    #: True if the drafter needs the target's hidden states in ``DraftContext``
-    needs_target_hidden: ClassVar[bool] = False
+    #: the target's hidden states the drafter reads, as indices into transformers'
+    #: ``hidden_states`` (``-1``: the final-normed last layer, what the LM head reads; ``i``:
+    #: the output of decoder layer ``i - 1``); empty for drafters that need none. Drafters may
+    #: set it per instance (EAGLE-3 picks layers by the target's depth).
+    hidden_layers: tuple[int, ...] = ()
     #: ``num_speculative_tokens`` when the config does not set it
     default_num_speculative_tokens: ClassVar[int] = 4
 
