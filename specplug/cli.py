@@ -37,7 +37,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from specplug.engine import Speculator
     from specplug.models import encode_prompt, load_model
 
-    torch.set_grad_enabled(False)
     spec = SpecConfig.from_cli(args.method, args.num_speculative_tokens, args.tree,
                                dict(args.option or []))
     model, tokenizer = load_model(args.model)
@@ -116,15 +115,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from specplug.bench.harness import BASELINE, aggregate, run_benchmark
     from specplug.bench.methods import parse_method
     from specplug.bench.prompts import load_questions
     from specplug.bench.report import markdown_table, write_results
     from specplug.models import load_model
 
-    torch.set_grad_enabled(False)
     questions = load_questions(args.prompts, args.limit, args.categories)
     model, tokenizer = load_model(args.model)
     loaded: dict[str, Any] = {}
@@ -152,6 +148,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if bad:
         print(f"ERROR: outputs differ from {BASELINE} (turns): {bad}", file=sys.stderr)
         return 3
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from specplug.heads.config import HEAD_KINDS
+    from specplug.train.pipeline import DataSettings, train
+    from specplug.train.trainer import TrainSettings
+
+    if args.drafter not in HEAD_KINDS:
+        raise ValueError(f"--drafter {args.drafter!r} is not a trainable head; choose one of "
+                         f"{', '.join(HEAD_KINDS)}")
+    data = DataSettings(data=args.data, seed_tasks=not args.no_seed_tasks, expand=args.expand,
+                        max_new_tokens=args.max_new_tokens, tokens=args.tokens)
+    settings = TrainSettings.for_kind(args.drafter, epochs=args.epochs, lr=args.lr,
+                                      batch_size=args.batch_size)
+    command = "specplug " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = train(args.model, args.drafter, args.out, data=data, settings=settings,
+                   num_heads=args.num_heads, draft_vocab_size=args.draft_vocab,
+                   cache=args.cache, progress=not args.no_progress, command=command)
+    h = report["heldout"]
+    print(f"{args.drafter} head for {args.model}: {args.out}")
+    for d in h.get("top1", {}):
+        print(f"  depth {d}: held-out top-1 {h['top1'][d]:.3f}  top-5 {h['top5'][d]:.3f}")
+    print(f"  held-out mean accepted tokens per step: "
+          f"{report['acceptance']['mean_accepted_per_step']:.2f}  "
+          f"(wall {report['wall_s']['total']:.0f} s, {report['checkpoint_mb']} MB)")
     return 0
 
 
@@ -199,13 +223,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_cmd_bench)
+
+    t = sub.add_parser("train", help="train a draft head by self-distillation from the target")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--drafter", required=True, help="medusa | clover | clover2 | eagle")
+    t.add_argument("--data", action="append", default=None, metavar="FILE",
+                   help="extra prompts: JSONL (instruction/prompt/text/turns) or one per line")
+    t.add_argument("--no-seed-tasks", action="store_true",
+                   help="do not use the shipped Self-Instruct seed tasks")
+    t.add_argument("--expand", type=int, default=200,
+                   help="new prompts the target writes from the seed tasks (self-instruct)")
+    t.add_argument("--tokens", type=int, default=None,
+                   help="stop generating training responses after about N tokens")
+    t.add_argument("--max-new-tokens", type=int, default=192, help="per training response")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--num-heads", type=int, default=4, help="draft depth the head is trained for")
+    t.add_argument("--draft-vocab", type=int, default=8192,
+                   help="ids the head may propose (most frequent in the training data)")
+    t.add_argument("--cache", default=None, help="folder for the generated data (reused)")
+    t.add_argument("--out", required=True, help="checkpoint folder (resumes if it holds a "
+                                                "training state)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        if args.func is _cmd_train:
+            return args.func(args)
+        import torch
+
+        with torch.no_grad():  # inference commands; scoped, so callers' grad mode is kept
+            return args.func(args)
     except (ValueError, NotImplementedError, FloatingPointError, ImportError) as err:
         print(f"specplug: error: {err}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ BUILTIN_PLUGINS = (
     "specplug.drafters.ngram",
     "specplug.drafters.draft_model",
     "specplug.drafters.layer_skip",
+    "specplug.drafters.heads",
     "specplug.builtins",
 )
 

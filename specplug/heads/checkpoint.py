@@ -1,0 +1,64 @@
+"""Head checkpoints: a folder with ``config.json`` (``HeadConfig``) and ``model.safetensors``
+(the trained weights and ``draft_vocab``). Never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from specplug.heads.config import HeadConfig
+from specplug.heads.nets import DraftNet, build_net
+
+__all__ = ["save_head", "load_head", "CHECKPOINT_FILES"]
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors")
+
+
+def save_head(net: DraftNet, folder: str | os.PathLike[str],
+              dtype: torch.dtype = torch.bfloat16, metadata: dict[str, str] | None = None
+              ) -> Path:
+    """Write ``net`` to ``folder`` (floating weights in ``dtype``; ``draft_vocab`` int64)."""
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+             for k, v in net.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata=metadata or {})
+    (out / "config.json").write_text(net.config.model_dump_json(indent=2) + "\n")
+    return out
+
+
+def load_head(folder: str | os.PathLike[str]) -> DraftNet:
+    """Load a head saved by ``save_head``, or a published Medusa / EAGLE head in its authors'
+    layout (``specplug.heads.foreign``), as float32 on CPU. Raises a clear error on a folder
+    that is no head, a pickle checkpoint, or weights that do not fit the config."""
+    from safetensors.torch import load_file
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a head checkpoint: no config.json "
+                                f"(expected {', '.join(CHECKPOINT_FILES)})")
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("format") != "specplug-head":
+        from specplug.heads.foreign import load_foreign
+
+        return load_foreign(path)  # FasterDecoding/Medusa or SafeAILab/EAGLE layouts
+    config = HeadConfig.model_validate(raw)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f" ({', '.join(pickles)} found: pickle checkpoints are never loaded; convert "
+                "them to safetensors)") if pickles else ""
+        raise FileNotFoundError(f"{path}: no model.safetensors{hint}")
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in load_file(str(weights)).items()}
+    net = build_net(config, state.get("draft_vocab"))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match a {config.kind} head with this config "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return net.eval()

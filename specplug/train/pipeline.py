@@ -1,0 +1,239 @@
+"""``specplug train`` end to end: data (cached), head, training, held-out report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specplug.heads.config import HeadConfig
+from specplug.train.data import (
+    SEED_TASKS,
+    Sequence,
+    expand_prompts,
+    extract_features,
+    generate_responses,
+    load_prompts,
+)
+from specplug.train.trainer import Example, TrainSettings, build_draft_vocab, train_head
+
+__all__ = ["DataSettings", "build_dataset", "train", "measure_acceptance"]
+
+
+@dataclass
+class DataSettings:
+    """Where the training text comes from. ``tokens`` caps the generated tokens in total."""
+
+    data: list[str] | None = None  # extra prompt files
+    seed_tasks: bool = True
+    expand: int = 200  # new self-instruct prompts written by the target
+    max_new_tokens: int = 192
+    tokens: int | None = None
+    hidden_layers: tuple[int, ...] = (-1,)
+    topk: int = 16
+    batch_size: int = 16
+
+
+class _Bar:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="seq" if "loss" not in desc else "step")
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _digest(model_dir: str, ds: DataSettings, prompts: list[str]) -> str:
+    h = hashlib.sha256(json.dumps([model_dir, asdict(ds), prompts]).encode())
+    return h.hexdigest()[:16]
+
+
+def build_dataset(model: Any, tokenizer: Any, model_name: str, ds: DataSettings,
+                  cache: Path, progress: bool = True) -> tuple[list[Example], list[int]]:
+    """Examples (cached under ``cache``) and, per example, the index of its prompt."""
+    from safetensors.torch import load_file, save_file
+
+    prompts: list[str] = load_prompts(SEED_TASKS) if ds.seed_tasks else []
+    for f in ds.data or []:
+        prompts += load_prompts(f)
+    if not prompts:
+        raise ValueError("no training prompts: pass --data FILE or keep the seed tasks")
+    key = _digest(model_name, ds, prompts)
+    folder = cache / key
+    if (folder / "examples.safetensors").is_file():
+        t = load_file(str(folder / "examples.safetensors"))
+        meta = json.loads((folder / "examples.json").read_text())
+        examples = []
+        for (a, b), p in zip(meta["spans"], meta["prompt_lens"]):
+            examples.append(Example(t["ids"][a:b], t["features"][a:b], t["top_ids"][a:b],
+                                    t["top_probs"][a:b], p))
+        return examples, meta["prompt_index"]
+
+    if ds.expand:
+        bar = _Bar(ds.expand, "writing prompts", progress)
+        prompts = prompts + expand_prompts(model, tokenizer, prompts, ds.expand,
+                                           batch_size=ds.batch_size, progress=bar)
+        bar.close()
+    bar = _Bar(len(prompts), "target responses", progress)
+    seqs: list[Sequence] = []
+    budget = ds.tokens
+    for s in range(0, len(prompts), 4 * ds.batch_size):  # chunks, so --tokens can stop early
+        seqs += generate_responses(model, tokenizer, prompts[s:s + 4 * ds.batch_size],
+                                   ds.max_new_tokens, ds.batch_size, progress=bar)
+        if budget is not None and sum(len(q.response) for q in seqs) >= budget:
+            break
+    bar.close()
+    bar = _Bar(len(seqs), "target features", progress)
+    vocab = model.config.get_text_config().vocab_size  # full-vocabulary logits per batch
+    feats = extract_features(model, seqs, list(ds.hidden_layers), ds.topk,
+                             batch_size=8 if vocab < 100_000 else 2, progress=bar)
+    bar.close()
+    examples = [Example(torch.tensor(q.ids), f["features"], f["top_ids"], f["top_probs"],
+                        len(q.prompt)) for q, f in zip(seqs, feats)]
+    spans, a = [], 0
+    for ex in examples:
+        spans.append([a, a + ex.ids.shape[0]])
+        a += ex.ids.shape[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"ids": torch.cat([e.ids for e in examples]),
+               "features": torch.cat([e.features for e in examples]),
+               "top_ids": torch.cat([e.top_ids for e in examples]),
+               "top_probs": torch.cat([e.top_probs for e in examples])},
+              str(folder / "examples.safetensors"))
+    index = list(range(len(examples)))
+    (folder / "examples.json").write_text(json.dumps(
+        {"spans": spans, "prompt_lens": [len(q.prompt) for q in seqs],
+         "prompt_index": index, "settings": asdict(ds),
+         "prompts": [tokenizer.decode(q.prompt) for q in seqs]}))
+    return examples, index
+
+
+@torch.no_grad()
+def measure_acceptance(model: Any, net: Any, examples: list[Example], depth: int,
+                       count: int = 8, max_new_tokens: int = 64) -> dict[str, float]:
+    """Real speculative generation (greedy, chain of ``depth``) from the prompts of held-out
+    examples: mean accepted draft tokens per step, and tokens per target forward."""
+    from specplug.config import SpecConfig
+    from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
+
+    spec = Speculator.from_config(SpecConfig(method=net.config.kind, checkpoint=net,
+                                             num_speculative_tokens=depth), model)
+    accepted, steps, tokens, forwards = 0, 0, 0, 0
+    for ex in examples[:count]:
+        prompt = ex.ids[: max(1, ex.prompt_len)][None]
+        out = speculative_generate(ModelTargetRunner(model, hidden_layers=spec.drafter
+                                                     .hidden_layers),
+                                   spec, prompt, max_new_tokens=max_new_tokens)
+        acc = out.stats.accepted_per_step[0]
+        accepted += sum(acc)
+        steps += len(acc)
+        tokens += len(out.sequences[0])
+        forwards += out.stats.target_forwards
+    return {"mean_accepted_per_step": accepted / max(steps, 1),
+            "tokens_per_forward": tokens / max(forwards, 1), "prompts": min(count, len(examples))}
+
+
+def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
+          data: DataSettings | None = None, settings: TrainSettings | None = None,
+          num_heads: int = 4, draft_vocab_size: int = 8192, heldout: float = 0.1,
+          cache: str | os.PathLike[str] | None = None, progress: bool = True,
+          command: str = "") -> dict[str, Any]:
+    """Train a ``kind`` head for ``model_name``; writes the checkpoint and ``report.json`` /
+    ``report.md`` to ``out`` and returns the report."""
+    from specplug.heads.checkpoint import save_head
+    from specplug.heads.nets import build_net
+    from specplug.models import cache_dir, load_model
+
+    t0 = time.perf_counter()
+    data = data or DataSettings()
+    settings = settings or TrainSettings.for_kind(kind)
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(model_name)
+    text = model.config.get_text_config()
+    cache_root = Path(cache) if cache else cache_dir() / "train" / Path(str(model_name)).name
+    examples, _ = build_dataset(model, tok, str(model_name), data, cache_root, progress)
+    t_data = time.perf_counter() - t0
+
+    rng = random.Random(1234)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    n_held = max(1, int(len(examples) * heldout)) if len(examples) > 1 else 0
+    held = [examples[i] for i in order[:n_held]]
+    trainset = [examples[i] for i in order[n_held:]] or held
+
+    H, V = text.hidden_size, int(model.get_output_embeddings().weight.shape[0])
+    vocab = build_draft_vocab(trainset, V, min(draft_vocab_size, V))
+    heads = max(1, H // 64) if H % 64 == 0 else next(h for h in (8, 4, 2, 1) if H % h == 0)
+    config = HeadConfig(kind=kind, hidden_size=H, vocab_size=V, draft_vocab_size=len(vocab),
+                        num_heads=num_heads, num_attention_heads=heads,
+                        intermediate_size=2 * H, hidden_layers=list(data.hidden_layers),
+                        rope_theta=float(getattr(text, "rope_theta", 10000.0) or 10000.0),
+                        target=str(model_name))
+    torch.manual_seed(settings.seed)
+    net = build_net(config, vocab).bind(model.get_input_embeddings(),
+                                        model.get_output_embeddings().weight)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"training {kind}", unit="step")
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.refresh()
+
+    result = train_head(net, trainset, held, settings, state_dir=outdir / "train_state",
+                        progress=on_step)
+    if bar is not None:
+        bar.close()
+    t_train = time.perf_counter() - t0 - t_data
+    save_head(net, outdir, metadata={"command": command})
+    acceptance = measure_acceptance(model, net, held, depth=min(num_heads, net.max_depth))
+    report = {
+        "model": str(model_name), "kind": kind, "command": command,
+        "config": config.model_dump(), "settings": asdict(settings), "data": asdict(data),
+        "examples": {"train": len(trainset), "heldout": len(held),
+                     "train_tokens": int(sum(e.ids.shape[0] for e in trainset))},
+        "wall_s": {"data": round(t_data, 1), "train": round(t_train, 1),
+                   "total": round(time.perf_counter() - t0, 1)},
+        "steps": result.steps, "history": result.history, "heldout": result.heldout,
+        "acceptance": acceptance,
+        "checkpoint_mb": round((outdir / "model.safetensors").stat().st_size / 2**20, 2),
+    }
+    (outdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (outdir / "report.md").write_text(_markdown(report))
+    return report
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    h = r["heldout"]
+    lines = [f"# {r['kind']} head for {r['model']}", "", f"Command: `{r['command']}`", "",
+             f"- examples: {r['examples']['train']} train ({r['examples']['train_tokens']} "
+             f"tokens), {r['examples']['heldout']} held out",
+             f"- wall time: data {r['wall_s']['data']} s, training {r['wall_s']['train']} s",
+             f"- checkpoint: {r['checkpoint_mb']} MB",
+             f"- held-out mean accepted tokens per step (greedy chain): "
+             f"{r['acceptance']['mean_accepted_per_step']:.2f}", "",
+             "| depth | top-1 | top-5 |", "| --- | --- | --- |"]
+    for d in h.get("top1", {}):
+        lines.append(f"| {d} | {h['top1'][d]:.3f} | {h['top5'][d]:.3f} |")
+    return "\n".join(lines) + "\n"

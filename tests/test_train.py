@@ -1,0 +1,129 @@
+"""Training heads on a tiny model: data helpers, the loss goes down, held-out accuracy goes up,
+training resumes from its saved state, and ``specplug train`` runs end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from tiny_models import (
+    VOCAB,
+    WORDS,
+    reference_greedy,
+    repetitive_prompts,
+    tiny_llama,
+    tiny_tokenizer,
+)
+
+from specplug.cli import main
+from specplug.heads.config import HeadConfig
+from specplug.heads.nets import build_net
+from specplug.train.data import Sequence, extract_features, load_prompts
+from specplug.train.trainer import (
+    Example,
+    TrainSettings,
+    build_draft_vocab,
+    evaluate,
+    train_head,
+)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama(0)
+
+
+@pytest.fixture(scope="module")
+def examples(llama):
+    """The tiny target's own greedy continuations of 24 repetitive prompts."""
+    ids, mask = repetitive_prompts([6 + i % 7 for i in range(24)], seed=11)
+    responses = reference_greedy(llama, ids, mask, 40)
+    seqs = [Sequence(ids[b][mask[b].bool()].tolist(), r) for b, r in enumerate(responses)]
+    feats = extract_features(llama, seqs, [-1], topk=8)
+    return [Example(torch.tensor(q.ids), f["features"], f["top_ids"], f["top_probs"],
+                    len(q.prompt)) for q, f in zip(seqs, feats)]
+
+
+def test_load_prompts_formats(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"instruction": "Sort these", "instances": [{"input": "3 1 2"}]}\n'
+                 '{"prompt": "Hello"}\n{"turns": ["First turn", "second"]}\n\n')
+    assert load_prompts(f) == ["Sort these\n\n3 1 2", "Hello", "First turn"]
+    g = tmp_path / "p.txt"
+    g.write_text("one prompt\n\nanother\n")
+    assert load_prompts(g) == ["one prompt", "another"]
+    (tmp_path / "bad.jsonl").write_text('{"nothing": 1}\n')
+    with pytest.raises(ValueError, match="instruction/prompt/text/turns"):
+        load_prompts(tmp_path / "bad.jsonl")
+
+
+def test_draft_vocab_prefers_what_the_target_emits():
+    ex = Example(ids=torch.tensor([1, 2, 3, 3]), features=torch.zeros(4, 2),
+                 top_ids=torch.tensor([[7], [7], [9], [7]]), top_probs=torch.ones(4, 1))
+    assert build_draft_vocab([ex], 20, 2).tolist() == [7, 9]
+    assert build_draft_vocab([ex], 20, 5).tolist() == [1, 2, 3, 7, 9]
+    assert build_draft_vocab([ex], 20, 20).tolist() == list(range(20))
+
+
+def _net(kind, llama, heads=3):
+    torch.manual_seed(0)
+    cfg = HeadConfig(kind=kind, hidden_size=32, vocab_size=VOCAB, draft_vocab_size=VOCAB,
+                     num_heads=heads, num_attention_heads=4)
+    return build_net(cfg).bind(llama.get_input_embeddings(),
+                               llama.get_output_embeddings().weight)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "clover", "clover2", "eagle"])
+def test_training_improves_the_head(llama, examples, kind):
+    train, held = examples[:20], examples[20:]
+    settings = TrainSettings.for_kind(kind, epochs=6, batch_size=4, lr=3e-3, warmup=2)
+    net = _net(kind, llama)
+    to_draft = torch.arange(VOCAB)
+    before = evaluate(net, held, settings, to_draft)
+    train_head(net, train, held, settings)
+    after = evaluate(net, held, settings, to_draft)
+    assert after["loss"] < before["loss"]
+    assert after["top1"][1] > before["top1"][1]
+
+
+def test_training_resumes_from_its_state(tmp_path, llama, examples):
+    settings = TrainSettings.for_kind("medusa", epochs=2, batch_size=4, save_every=1000)
+    one = TrainSettings.for_kind("medusa", epochs=1, batch_size=4, save_every=1000)
+    first = train_head(_net("medusa", llama), examples, [], one, state_dir=tmp_path / "s")
+    resumed_net = _net("medusa", llama)
+    resumed = train_head(resumed_net, examples, [], settings, state_dir=tmp_path / "s")
+    straight_net = _net("medusa", llama)
+    straight = train_head(straight_net, examples, [], settings)
+    assert resumed.steps == straight.steps == 2 * first.steps
+    for (k, a), b in zip(resumed_net.state_dict().items(), straight_net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_specplug_train_end_to_end(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    tiny_llama(0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    rng = random.Random(0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(rng.choice(WORDS[:12]) for _ in range(8))
+                                 for _ in range(12)) + "\n")
+    out = tmp_path / "head"
+    rc = main(["train", "--model", str(folder), "--drafter", "clover", "--data", str(prompts),
+               "--no-seed-tasks", "--expand", "0", "--max-new-tokens", "16", "--epochs", "1",
+               "--num-heads", "3", "--draft-vocab", "64", "--cache", str(tmp_path / "cache"),
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "clover" and report["config"]["draft_vocab_size"] == 64
+    assert set(report["heldout"]["top1"]) == {"1", "2", "3"}
+    assert (out / "model.safetensors").is_file() and (out / "report.md").is_file()
+    capsys.readouterr()
+    rc = main(["run", "--model", str(folder), "--method", "clover", "--option",
+               f"checkpoint={out}", "--num-speculative-tokens", "3", "--prompt",
+               " ".join(WORDS[:6]), "--max-new-tokens", "8", "--compare", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["identical"] is True
+    rc = main(["train", "--model", str(folder), "--drafter", "ngram", "--out", str(out)])
+    assert rc == 2  # not a trainable head: a clear error, not a traceback
