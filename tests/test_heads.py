@@ -78,8 +78,8 @@ TREES = {
 def test_identical_to_generate(llama, kind, tree, lengths):
     ids, mask = repetitive_prompts(lengths, seed=len(lengths))
     want = reference_greedy(llama, ids, mask, 20)
-    spec = Speculator.from_config(
-        SpecConfig(method=kind, checkpoint=make_net(kind, llama), **TREES[tree]), llama)
+    spec = Speculator.from_config(SpecConfig(method=kind, checkpoint=make_net(kind, llama),
+                                             adaptive=False, **TREES[tree]), llama)
     runner = ModelTargetRunner(llama, hidden_layers=spec.drafter.hidden_layers)
     got = speculative_generate(runner, spec, ids, mask, max_new_tokens=20)
     assert got.sequences == want
@@ -111,6 +111,38 @@ def test_trained_heads_get_drafts_accepted_and_stay_identical(llama, kind):
     assert max(max(a) for a in got.stats.accepted_per_step) >= 2
 
 
+def test_adaptive_chains_stop_where_a_token_does_not_pay():
+    from specplug.drafters.heads import _Node, worth_extending
+
+    root = _Node(None, 1)
+    assert worth_extending(root, 0.5, slope=0.2)  # (1 + .5) / 1.2 > 1
+    assert not worth_extending(root, 0.15, slope=0.2)  # 1.15 / 1.2 < 1
+    assert worth_extending(root, 0.01, slope=0.0)  # free scoring: always draft
+    deep = _Node(None, 4, path_p=0.3, expected=2.6)  # three tokens drafted
+    assert not worth_extending(deep, 0.5, slope=0.2)  # +0.15 for 1/1.6 more cost
+    assert worth_extending(deep, 0.99, slope=0.02)
+
+
+@pytest.mark.parametrize("slope, expect_full", [(0.0, True), (5.0, False)])
+def test_adaptive_chain_depth_follows_the_cost_curve(llama, slope, expect_full):
+    """With free scoring every step drafts the full chain; with steep scoring costs and an
+    unsure (random) head, steps draft nothing. The output is identical either way."""
+    from specplug.cost import CostModel
+
+    cost = CostModel(prior_slope=slope)
+    cost.observe(1, 1.0)  # one width timed: the prior slope stays in force
+    ids, mask = repetitive_prompts([9], seed=1)
+    spec = Speculator.from_config(SpecConfig(method="eagle", num_speculative_tokens=4,
+                                             checkpoint=make_net("eagle", llama)), llama)
+    spec.cost = cost
+    spec.cost.observe = lambda n, s: None  # keep the planted curve
+    runner = ModelTargetRunner(llama, hidden_layers=spec.drafter.hidden_layers)
+    got = speculative_generate(runner, spec, ids, mask, max_new_tokens=12)
+    assert got.sequences == reference_greedy(llama, ids, mask, 12)
+    depths = got.stats.draft_depth_per_step[0][:4]  # later steps may be cut by max_new
+    assert all(d == 4 for d in depths) if expect_full else all(d == 0 for d in depths)
+
+
 def _chisquare_ok(observed: torch.Tensor, expected: torch.Tensor) -> bool:
     """Pearson's chi-square at alpha 1e-4, cells expected below 5 merged."""
     order = expected.argsort(descending=True)
@@ -138,7 +170,8 @@ def test_sampling_keeps_the_target_distribution(llama, kind, tree):
         both = torch.cat([prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1)
         p2 = (llama(both).logits[:, -1].float() / T).softmax(-1)  # [V(x1), V(x2)]
     net = make_net(kind, llama, draft_vocab=VOCAB)
-    spec = Speculator.from_config(SpecConfig(method=kind, checkpoint=net, **TREES[tree]), llama)
+    spec = Speculator.from_config(SpecConfig(method=kind, checkpoint=net, adaptive=False,
+                                             **TREES[tree]), llama)
     runner = ModelTargetRunner(llama, hidden_layers=spec.drafter.hidden_layers)
     out = speculative_generate(runner, spec, prompt.expand(N, -1).contiguous(),
                                max_new_tokens=3, sampling=SamplingParams(temperature=T),

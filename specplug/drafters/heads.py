@@ -35,6 +35,9 @@ class HeadOptions(DrafterOptions):
         None, description="a head folder (config.json + model.safetensors), a loaded "
                           "specplug.heads.nets.DraftNet, or None for the head shipped for the "
                           "target")
+    adaptive: bool = Field(
+        True, description="end a chain where one more draft token is not worth scoring: "
+                          "by the head's own confidence and the engine's measured cost curve")
 
 
 def _target_name(target: Any) -> str | None:
@@ -59,12 +62,22 @@ def shipped_head(target: Any, kind: str) -> Path:
 
 
 class _Node:
-    """A tree node's handle: the head's state for expanding it, and its depth."""
+    """A tree node's handle: the head's state for expanding it, its depth, the head's
+    probability of its path (``path_p``) and the sum of those over the path (``expected``:
+    the tokens a step emits if the path is accepted as the head believes, bonus included)."""
 
-    __slots__ = ("state", "depth")
+    __slots__ = ("state", "depth", "path_p", "expected")
 
-    def __init__(self, state: Any, depth: int):
-        self.state, self.depth = state, depth
+    def __init__(self, state: Any, depth: int, path_p: float = 1.0, expected: float = 1.0):
+        self.state, self.depth, self.path_p, self.expected = state, depth, path_p, expected
+
+
+def worth_extending(node: _Node, p_next: float, slope: float) -> bool:
+    """Does drafting one more token after ``node`` (depth ``d``) raise the expected tokens
+    per unit of target time, ``(1 + sum of path probabilities) / (1 + slope * d)``?"""
+    d = node.depth - 1  # draft tokens on the path so far
+    p = node.path_p * p_next
+    return (node.expected + p) / (1.0 + slope * (d + 1)) > node.expected / (1.0 + slope * d)
 
 
 class HeadDrafter(Drafter):
@@ -85,6 +98,7 @@ class HeadDrafter(Drafter):
         self.hidden_layers = tuple(net.config.hidden_layers)
         self.vocab_size = net.config.vocab_size
         self.sampling = SamplingParams()
+        self.slope: float | None = None
         self.rows: list[Any] = []
 
     @classmethod
@@ -117,6 +131,7 @@ class HeadDrafter(Drafter):
         if len(self.rows) != len(ctx.tokens):
             self.start(ctx.tokens)
         self.sampling = ctx.sampling
+        self.slope = ctx.cost.slope() if ctx.cost is not None else None
         roots: list[Any] = []
         for b, (row, toks) in enumerate(zip(self.rows, ctx.tokens)):
             if not ctx.active[b]:  # finished rows may have dropped tokens after EOS
@@ -136,7 +151,7 @@ class HeadDrafter(Drafter):
             roots.append(_Node(self.net.root_state(row["net"], feats[n - 2]), 1))
         return roots
 
-    def _candidates(self, logits: torch.Tensor, k: int, child: _Node) -> Candidates:
+    def _candidates(self, logits: torch.Tensor, k: int, node: _Node, state: Any) -> Candidates:
         vocab = self.net.draft_vocab
         if self.sampling.greedy:
             probs = logits.softmax(-1)
@@ -148,7 +163,13 @@ class HeadDrafter(Drafter):
             dist = probs_from_logits(full, self.sampling)
             top = torch.topk(dist, min(k, vocab.numel()))
             tokens = top.indices
-        return Candidates(tokens=tokens.tolist(), probs=top.values.tolist(),
+        probs_l = top.values.tolist()
+        if (k == 1 and self.options.adaptive and self.slope is not None and probs_l
+                and not worth_extending(node, probs_l[0], self.slope)):
+            return EMPTY  # a chain ends here: the next token would not pay for its scoring
+        p = node.path_p * (probs_l[0] if probs_l else 0.0)
+        child = _Node(state, node.depth + 1, p, node.expected + p)
+        return Candidates(tokens=tokens.tolist(), probs=probs_l,
                           handles=[child] * len(tokens), dist=dist, shared_handle=child)
 
     @torch.no_grad()
@@ -169,7 +190,7 @@ class HeadDrafter(Drafter):
                     torch.tensor([items[j].token for j in idx]), depth)
                 check_finite(logits, f"the {self.name!r} head")
                 for j, logit, state in zip(idx, logits, states):
-                    cands[j] = self._candidates(logit, k, _Node(state, depth + 1))
+                    cands[j] = self._candidates(logit, k, items[j].handle, state)
             out.append(cands)  # type: ignore[arg-type]
         return out
 
