@@ -128,3 +128,34 @@ def test_cli_run_compare_json(name, prompt):
         assert key in report, key
     assert report["identical"] is True
     assert report["new_tokens"] > 0 and report["mean_accepted_tokens"] >= 1.0
+
+
+SHIPPED_HEADS = [(m, k) for m in ("smollm2-135m", "gemma3-270m") for k in ("eagle", "clover")]
+
+
+@pytest.mark.parametrize("name, kind", SHIPPED_HEADS, ids=[f"{m}-{k}" for m, k in SHIPPED_HEADS])
+def test_shipped_heads_identical_and_accepted(name, kind):
+    """The heads shipped in the package load for their target with no options, stay
+    token-identical to greedy on a batch with a chain and a dynamic tree, and get drafts
+    accepted on real text."""
+    model, tok = real_model(name)
+    ids, mask = batch(tok, PROMPTS)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    accepted = 0.0
+    for tree in ({"tree": "chain"}, {"tree": "dynamic", "tree_budget": 8}):
+        got, stats = sh.generate(model, ids, mask, max_new_tokens=32, do_sample=False,
+                                 method=kind, return_stats=True, **tree)
+        assert torch.equal(got, want)
+        accepted = max(accepted, stats.mean_accepted_tokens)
+    assert accepted > 1.0
+
+
+def test_shipped_head_sampling_runs_on_the_real_model():
+    model, tok = real_model("smollm2-135m")
+    ids = torch.tensor([encode_prompt(tok, PROMPTS[2])])
+    torch.manual_seed(0)
+    out = sh.generate(model, ids, max_new_tokens=24, do_sample=True, temperature=0.8,
+                      method="eagle")
+    new = out[0, ids.shape[1]:].tolist()
+    assert 0 < len(new) <= 24 and all(0 <= t < model.config.vocab_size for t in new)
+    assert len(new) == 24 or new[-1] == tok.eos_token_id

@@ -29,7 +29,7 @@ __all__ = ["TrainSettings", "Example", "build_draft_vocab", "make_batches", "hea
 class TrainSettings:
     """How a head is trained (saved beside the checkpoint)."""
 
-    epochs: int = 4
+    epochs: int = 12
     lr: float = 1e-3
     batch_size: int = 8
     max_len: int = 256
