@@ -129,6 +129,9 @@ class Drafter(ABC):
     #: the output of decoder layer ``i - 1``); empty for drafters that need none. Drafters may
     #: set it per instance (EAGLE-3 picks layers by the target's depth).
     hidden_layers: tuple[int, ...] = ()
+    #: True for drafters that use the target model itself (its layers or hidden states), not
+    #: only token ids; engines that cannot hand the target over refuse them at start-up
+    reads_target: ClassVar[bool] = False
     #: ``num_speculative_tokens`` when the config does not set it
     default_num_speculative_tokens: ClassVar[int] = 4
 

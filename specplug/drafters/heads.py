@@ -85,6 +85,7 @@ class HeadDrafter(Drafter):
 
     Options = HeadOptions
     probabilistic = True
+    reads_target = True
     kind: ClassVar[str] = ""
 
     def __init__(self, options: HeadOptions, net: Any, target: Any):

@@ -77,6 +77,7 @@ def truncated_view(model: Any, layer_ids: list[int]) -> Any:
 
 class LayerSkipDrafter(ModelDrafter):
     name = "layer_skip"
+    reads_target = True
     Options = LayerSkipOptions
 
     @classmethod

@@ -1,0 +1,123 @@
+"""Chains for serving frameworks that own the decode loop (vLLM, SGLang).
+
+A serving engine runs the target, verifies drafts itself (chains only) and batches requests as
+they come and go. Per step it hands specplug each row's token history and the tokens it just
+committed, and wants one chain per row back. ``ChainProposer`` turns that into specplug's
+drafter calls (``start`` / ``begin`` + ``expand`` / ``observe``) with a ``ChainBuilder``:
+
+- While the batch keeps its rows (every row's history is its previous history plus the tokens
+  committed for it this step), the drafter ``observe``\\ s what was accepted and goes on, so
+  drafters with caches (``draft_model``) only feed the new tokens.
+- When requests join, leave or are reordered, the drafter is restarted on the new rows'
+  histories (a re-prefill for model drafters, a re-index for ``ngram``). Correctness never
+  depends on this: the engine verifies every token; only speed does.
+
+Chains are drafted greedily (the drafter's most likely token at every depth): engines that
+verify without the draft distribution treat a draft as one-hot, which is exact for any draft
+token and accepts most often when the draft is the drafter's argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from specplug.config import SpecConfig
+from specplug.drafters.base import DraftContext, StepOutcome
+from specplug.drafters.model_drafter import check_vocab, output_vocab
+from specplug.engine import Speculator
+from specplug.sampling import SamplingParams
+from specplug.tree import ChainBuilder
+
+__all__ = ["ChainProposer"]
+
+
+class ChainProposer:
+    """Drafts one greedy chain per row for an engine that verifies chains itself.
+
+    Args:
+        config: the speculation config; ``tree`` must be ``chain``.
+        vocab_size: the target's output vocabulary (drafts are checked against it).
+        max_context: the target's context length; chains never run past it.
+        target: the target model when the drafter may inspect it (None in engines whose
+            model is not an HF module).
+    """
+
+    def __init__(self, config: SpecConfig, vocab_size: int, max_context: int | None = None,
+                 target: Any = None):
+        if config.tree != "chain":
+            raise ValueError(f"this engine verifies chains only (tree={config.tree!r}); use "
+                             "tree='chain' (token trees need specplug.hf.generate)")
+        self.config = config
+        self.vocab_size = int(vocab_size)
+        self.max_context = max_context
+        self.speculator = Speculator.from_config(config, target)
+        self.drafter = self.speculator.drafter
+        if self.drafter.hidden_layers:
+            raise ValueError(
+                f"drafter {config.method!r} reads the target's hidden states, which this engine "
+                "does not pass to specplug; use a drafter that needs only token ids (ngram, "
+                "draft_model, ...)")
+        model = getattr(self.drafter, "model", None)
+        if model is not None and hasattr(model, "get_output_embeddings"):
+            check_vocab(output_vocab(model), self.vocab_size, f"the {config.method!r} model")
+        self.k = int(config.num_speculative_tokens)
+        self.builder = ChainBuilder(self.k)
+        self.sampling = SamplingParams()  # greedy chains: see the module docstring
+        self._rows: list[list[int]] | None = None  # histories the drafter last saw
+        self.restarts = 0
+
+    def propose(self, histories: Sequence[Sequence[int]], committed: Sequence[Sequence[int]],
+                ) -> list[list[int]]:
+        """One chain per row.
+
+        Args:
+            histories: per row, every token of the request so far (prompt and output); the
+                last one is committed but not yet scored by the target.
+            committed: per row, the tokens the engine committed for it in the step that just
+                ran (accepted drafts then the target's own token); empty for a row the engine
+                asks no draft for (still prefilling, finished, or at its length limit).
+
+        Returns:
+            per row, up to ``num_speculative_tokens`` draft tokens (empty: no draft).
+        """
+        if len(histories) != len(committed):
+            raise ValueError(f"{len(histories)} histories but {len(committed)} committed lists")
+        rows = [list(map(int, h)) for h in histories]
+        done = [list(map(int, c)) for c in committed]
+        active = [bool(c) and bool(h) for h, c in zip(rows, done)]
+        if not any(active):
+            self._rows = None
+            return [[] for _ in rows]
+        if self._continues(rows, done):
+            self.drafter.observe(StepOutcome(accepted=[c[:-1] for c in done],
+                                             bonus=[c[-1] if c else None for c in done],
+                                             tokens=rows))
+        else:
+            # a prompt of one token still has a root; the drafter sees the rest as context
+            self.drafter.start([r[:-1] for r in rows])
+            self.restarts += 1
+        limits = [self._limit(r) if a else 0 for r, a in zip(rows, active)]
+        ctx = DraftContext(tokens=rows, active=active, sampling=self.sampling)
+        tree = self.builder.build(self.drafter, ctx, limits, self.vocab_size)
+        counts = tree.num_nodes.tolist()
+        chains = [tree.tokens[b, :n].tolist() for b, n in enumerate(counts)]
+        self._rows = rows
+        return chains
+
+    def _limit(self, row: list[int]) -> int:
+        if self.max_context is None:
+            return self.k
+        return max(0, min(self.k, self.max_context - len(row) - 1))
+
+    def _continues(self, rows: list[list[int]], done: list[list[int]]) -> bool:
+        """True when every row is the same request as last step's row at the same index:
+        its history is last step's history plus what was committed for it."""
+        prev = self._rows
+        if prev is None or len(prev) != len(rows):
+            return False
+        for p, r, c in zip(prev, rows, done):
+            if len(r) != len(p) + len(c) or r[len(p):] != c or r[:len(p)] != p:
+                return False
+        return True
+

