@@ -115,11 +115,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from specplug.bench.harness import BASELINE, aggregate, run_benchmark
+    from specplug.bench.harness import (
+        BASELINE,
+        aggregate,
+        reference_of,
+        run_benchmark,
+        run_concurrent,
+    )
     from specplug.bench.methods import parse_method
     from specplug.bench.prompts import load_questions
-    from specplug.bench.report import markdown_table, write_results
-    from specplug.models import load_model
+    from specplug.bench.report import concurrent_table, markdown_table, write_results
+    from specplug.models import load_model, resolve_model_dir
 
     questions = load_questions(args.prompts, args.limit, args.categories)
     model, tokenizer = load_model(args.model)
@@ -132,21 +138,39 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     specs = [BASELINE] + [m for m in args.methods.split(";" if ";" in args.methods else " ")
                           if m and m != BASELINE]
-    methods = [parse_method(s, model, load, args.temperature) for s in specs]
-    rows = run_benchmark(model, tokenizer, questions, methods,
-                         max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                         temperature=args.temperature, progress=not args.no_progress)
-    aggregates = aggregate(rows)
+    model_dir = str(resolve_model_dir(args.model))
+    methods = []
+    try:
+        for s in specs:
+            methods.append(parse_method(s, model, load, args.temperature, model_dir))
+        rows = run_benchmark(model, tokenizer, questions, methods,
+                             max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                             temperature=args.temperature, progress=not args.no_progress)
+        concurrent = run_concurrent(tokenizer, questions, methods,
+                                    max_new_tokens=args.max_new_tokens,
+                                    concurrency=args.concurrency, repeats=args.repeats,
+                                    temperature=args.temperature)
+    finally:
+        for m in methods:
+            if m.close is not None:
+                m.close()
+    aggregates = aggregate(rows, {m.name: reference_of(m, methods) for m in methods
+                                  if m.reference})
     settings = {"model": args.model, "methods": specs, "prompts": str(args.prompts),
                 "limit": args.limit, "max_new_tokens": args.max_new_tokens,
                 "repeats": args.repeats, "temperature": args.temperature,
+                "concurrency": args.concurrency,
                 "command": "specplug " + " ".join(sys.argv[1:])}
-    write_results(Path(args.out), settings, rows, aggregates, plots=not args.no_plots)
-    print(markdown_table(aggregates, args.model))
+    write_results(Path(args.out), settings, rows, aggregates, plots=not args.no_plots,
+                  concurrent=concurrent)
+    print(markdown_table(aggregates, args.model) + concurrent_table(concurrent))
     bad = {m: a["overall"]["mismatches"] for m, a in aggregates.items()
            if a["overall"]["mismatches"]}
+    bad.update({f"{m} (x{concurrent['concurrency']})": s["mismatches"]
+                for m, s in (concurrent or {}).get("methods", {}).items() if s["mismatches"]})
     if bad:
-        print(f"ERROR: outputs differ from {BASELINE} (turns): {bad}", file=sys.stderr)
+        print(f"ERROR: outputs differ from their reference ({BASELINE}, or vllm:none for "
+              f"vLLM methods): {bad}", file=sys.stderr)
         return 3
     return 0
 
@@ -210,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", required=True,
                    help="space- or ';'-separated: specplug methods (ngram, "
                         "layer_skip:layers=8, ...) and baselines hf:greedy, "
-                        "hf:prompt_lookup[:K], hf:early_exit[:LAYER], hf:assisted:model=NAME; "
+                        "hf:prompt_lookup[:K], hf:early_exit[:LAYER], hf:assisted:model=NAME, "
+                        "real vLLM engines vllm:none, vllm:ngram[:K], "
+                        "vllm:specplug:DRAFTER[:KEY=VALUE,...] (docs/vllm.md); "
                         "hf:greedy always runs first")
     b.add_argument("--prompts", default="benchmarks/prompts.jsonl",
                    help="JSONL in the MT-bench question format")
@@ -219,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--repeats", type=int, default=1, help="interleaved repeats (median time)")
     b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight for the engines' (vllm:...) throughput run")
     b.add_argument("--out", required=True, help="folder for results.json, results.md, plots")
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true")

@@ -12,6 +12,11 @@ drafter calls (``start`` / ``begin`` + ``expand`` / ``observe``) with a ``ChainB
   histories (a re-prefill for model drafters, a re-index for ``ngram``). Correctness never
   depends on this: the engine verifies every token; only speed does.
 
+The engine's step time is learned the same way ``speculative_generate`` learns it, from the
+engine's own steps: the wall time from one ``propose`` returning to the next call (the engine's
+forward, verification and bookkeeping) against the tokens it scored per row, into the
+``CostModel`` that drafters with adaptive depth (``ngram``) read.
+
 Chains are drafted greedily (the drafter's most likely token at every depth): engines that
 verify without the draft distribution treat a draft as one-hot, which is exact for any draft
 token and accepts most often when the draft is the drafter's argmax.
@@ -19,6 +24,7 @@ token and accepts most often when the draft is the drafter's argmax.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +71,8 @@ class ChainProposer:
         self.builder = ChainBuilder(self.k)
         self.sampling = SamplingParams()  # greedy chains: see the module docstring
         self._rows: list[list[int]] | None = None  # histories the drafter last saw
+        self._scored: float | None = None  # tokens per row the engine scores for our chains
+        self._returned_at = 0.0
         self.restarts = 0
 
     def propose(self, histories: Sequence[Sequence[int]], committed: Sequence[Sequence[int]],
@@ -87,9 +95,13 @@ class ChainProposer:
         done = [list(map(int, c)) for c in committed]
         active = [bool(c) and bool(h) for h, c in zip(rows, done)]
         if not any(active):
-            self._rows = None
+            self._rows = self._scored = None
             return [[] for _ in rows]
-        if self._continues(rows, done):
+        now = time.perf_counter()
+        continues = self._continues(rows, done)
+        if continues and self._scored is not None:
+            self.speculator.cost.observe(max(1, round(self._scored)), now - self._returned_at)
+        if continues:
             self.drafter.observe(StepOutcome(accepted=[c[:-1] for c in done],
                                              bonus=[c[-1] if c else None for c in done],
                                              tokens=rows))
@@ -98,11 +110,15 @@ class ChainProposer:
             self.drafter.start([r[:-1] for r in rows])
             self.restarts += 1
         limits = [self._limit(r) if a else 0 for r, a in zip(rows, active)]
-        ctx = DraftContext(tokens=rows, active=active, sampling=self.sampling)
+        ctx = DraftContext(tokens=rows, active=active, sampling=self.sampling,
+                           cost=self.speculator.cost)
         tree = self.builder.build(self.drafter, ctx, limits, self.vocab_size)
         counts = tree.num_nodes.tolist()
         chains = [tree.tokens[b, :n].tolist() for b, n in enumerate(counts)]
         self._rows = rows
+        live = sum(active)
+        self._scored = sum(len(c) + 1 for c, a in zip(chains, active) if a) / live
+        self._returned_at = time.perf_counter()
         return chains
 
     def _limit(self, row: list[int]) -> int:

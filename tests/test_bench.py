@@ -76,6 +76,7 @@ def test_parse_method_errors():
 class Logged:
     def __init__(self, method: Method, log: list[str]):
         self.name, self.inner, self.log = method.name, method, log
+        self.reference, self.batch, self.close = method.reference, None, None
 
     def run(self, ids, max_new):
         self.log.append(self.name)
@@ -148,3 +149,72 @@ def test_cli_bench_on_a_local_model_folder(prompt_file, tmp_path):
     saved = json.loads((tmp_path / "res" / "results.json").read_text())
     assert saved["settings"]["methods"] == [BASELINE, "ngram", "hf:prompt_lookup:3"]
     assert len(saved["rows"]) == 4 * 3  # 3 questions (4 turns) x 3 methods
+
+
+# ------------------------------------------------------------------ engine (vLLM) methods
+
+
+def test_vllm_method_specs():
+    from specplug.bench.vllm_methods import VLLM_NGRAM, vllm_speculative_config
+
+    assert vllm_speculative_config("none") is None
+    assert vllm_speculative_config("ngram") == VLLM_NGRAM
+    assert vllm_speculative_config("ngram:3")["num_speculative_tokens"] == 3
+    assert vllm_speculative_config("specplug:draft_model:model=smollm2-135m,"
+                                   "num_speculative_tokens=3") == {
+        "method": "specplug", "drafter": "draft_model", "model": "smollm2-135m",
+        "num_speculative_tokens": 3}
+    with pytest.raises(ValueError, match="known: vllm:none"):
+        vllm_speculative_config("eagle")
+    with pytest.raises(ValueError, match="bogus"):  # validated before any engine starts
+        vllm_speculative_config("specplug:ngram:bogus=1")
+
+
+def test_accepted_lengths_from_vllm_counters():
+    from specplug.bench.vllm_methods import accepted_lengths
+
+    # 4 drafts: accepted 3, 1, 0, 2 tokens; then 2 steps without a draft; 1 prefill token
+    counters = {"num_drafts": 4, "num_accepted_tokens": 6,
+                "num_accepted_tokens_per_pos": [3, 2, 1, 0]}
+    new_tokens = 1 + (3 + 1) + (1 + 1) + (0 + 1) + (2 + 1) + 1 + 1
+    assert sorted(accepted_lengths(new_tokens, counters)) == [0, 0, 0, 1, 2, 3]
+    assert accepted_lengths(5, {}) == [0, 0, 0, 0]  # plain decoding: one token per step
+
+
+def test_engine_methods_checked_against_their_own_reference(prompt_file, tmp_path):
+    """vLLM methods are compared with vllm:none (not with transformers), in the interleaved
+    run and at concurrency; a wrong engine output is counted, loudly, in both."""
+    from specplug.bench.harness import reference_of, run_concurrent
+
+    model, tok = tiny_llama(0), tiny_tokenizer()
+    base = parse_method(BASELINE, model, lambda n: None)
+
+    def engine(name: str, shift: int) -> Method:
+        def run(ids, n):  # an "engine" whose plain output is off by `shift` from transformers
+            return MethodRun([(t + shift) % 96 for t in base.run(ids, n).tokens], 1, [])
+
+        def batch(prompts, n):
+            return [run(torch.tensor([p]), n).tokens for p in prompts]
+
+        return Method(name, run, reference="vllm:none", batch=batch)
+
+    methods = [base, engine("vllm:none", 1), engine("vllm:specplug:ngram", 1),
+               engine("vllm:broken", 2)]
+    assert [reference_of(m, methods) for m in methods] == [BASELINE, "vllm:none", "vllm:none",
+                                                           "vllm:none"]
+    questions = load_questions(prompt_file)
+    rows = run_benchmark(model, tok, questions, methods, max_new_tokens=6, progress=False)
+    agg = aggregate(rows, {m.name: reference_of(m, methods) for m in methods if m.reference})
+    assert agg["vllm:none"]["overall"]["mismatches"] == 0  # its own reference
+    assert agg["vllm:specplug:ngram"]["overall"]["mismatches"] == 0
+    assert agg["vllm:broken"]["overall"]["mismatches"] == 5
+    assert agg["vllm:specplug:ngram"]["reference"] == "vllm:none"
+    assert agg["vllm:specplug:ngram"]["overall"]["speedup_vs_reference"] > 0
+    conc = run_concurrent(tok, questions, methods, max_new_tokens=6, concurrency=2)
+    assert set(conc["methods"]) == {"vllm:none", "vllm:specplug:ngram", "vllm:broken"}
+    assert conc["methods"]["vllm:specplug:ngram"]["mismatches"] == 0
+    assert conc["methods"]["vllm:broken"]["mismatches"] == 4  # 4 first turns, 2 groups
+    write_results(tmp_path / "out", {"model": "tiny", "max_new_tokens": 6, "temperature": 0.0},
+                  rows, agg, plots=False, concurrent=conc)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "2 concurrent requests" in table and "**4 MISMATCH**" in table

@@ -68,6 +68,8 @@ def test_engine_owned_batches_stay_identical_to_greedy(method):
     assert got == want
     # 5 requests in 3 slots, reversed every third step: restarts only when the batch changes
     assert 2 <= proposer.restarts < 12
+    # the engine's step times were learned between calls of continuing batches
+    assert sum(proposer.speculator.cost.counts.values()) > 0
 
 
 def test_draft_model_drafts_get_accepted_and_steps_continue():

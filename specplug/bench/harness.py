@@ -18,7 +18,7 @@ import torch
 from specplug.bench.methods import Method
 from specplug.bench.prompts import Question
 
-__all__ = ["BASELINE", "Row", "aggregate", "run_benchmark"]
+__all__ = ["BASELINE", "Row", "aggregate", "reference_of", "run_benchmark", "run_concurrent"]
 
 BASELINE = "hf:greedy"
 
@@ -118,17 +118,75 @@ def run_benchmark(model: Any, tokenizer: Any, questions: Sequence[Question],
             ref = runs[BASELINE].tokens
             for m in methods:
                 r = runs[m.name]
-                same = None if (not check or m.name == BASELINE) else r.tokens == ref
+                want = runs[reference_of(m, methods)].tokens
+                same = None if (not check or m.name == reference_of(m, methods)) \
+                    else r.tokens == want
                 rows.append(Row(q.question_id, q.category, t + 1, m.name, ids.shape[1],
                                 len(r.tokens), times[m.name], r.target_forwards,
                                 r.accepted_per_step, same,
                                 None if same in (None, True) else _first_mismatch(r.tokens,
-                                                                                   ref)))
+                                                                                   want)))
             history.append({"role": "assistant",
                             "content": tokenizer.decode(ref, skip_special_tokens=True)})
     if bar:
         bar.close()
     return rows
+
+
+def reference_of(method: Method, methods: Sequence[Method]) -> str:
+    """The method whose temperature-0 output ``method`` must reproduce: its own reference when
+    that is in the run (``vllm:none`` for vLLM methods), else the baseline."""
+    names = {m.name for m in methods}
+    return method.reference if method.reference in names else BASELINE
+
+
+def run_concurrent(tokenizer: Any, questions: Sequence[Question], methods: Sequence[Method],
+                   *, max_new_tokens: int, concurrency: int = 8, repeats: int = 1,
+                   temperature: float = 0.0) -> dict[str, Any]:
+    """Throughput with ``concurrency`` requests in flight, for methods that batch (engines).
+
+    The first-turn prompts are taken in groups of ``concurrency``; each group is submitted at
+    once to every method in turn (interleaved), ``repeats`` times. Per method: total new tokens
+    over the median wall time of each group, and, at temperature 0, how many requests differ
+    from the method's reference.
+    """
+    from specplug.models import encode_conversation
+
+    engines = [m for m in methods if m.batch is not None]
+    if not engines:
+        return {}
+    prompts = [encode_conversation(tokenizer, [{"role": "user", "content": q.turns[0]}])
+               for q in questions]
+    groups = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)]
+    groups = [g for g in groups if len(g) == concurrency] or groups[:1]
+    for m in engines:  # warm-up at this batch size
+        m.batch(groups[0][:concurrency], min(8, max_new_tokens))
+    stats = {m.name: {"tokens": 0, "seconds": 0.0, "mismatches": 0} for m in engines}
+    for group in groups:
+        outs: dict[str, list[list[int]]] = {}
+        times: dict[str, list[float]] = {m.name: [] for m in engines}
+        for _ in range(repeats):
+            for m in engines:
+                t0 = time.perf_counter()
+                outs[m.name] = m.batch(group, max_new_tokens)
+                times[m.name].append(time.perf_counter() - t0)
+        for m in engines:
+            s = stats[m.name]
+            s["tokens"] += sum(len(o) for o in outs[m.name])
+            s["seconds"] += statistics.median(times[m.name])
+            ref = reference_of(m, engines)
+            if temperature == 0.0 and ref in outs and ref != m.name:
+                s["mismatches"] += sum(a != b for a, b in zip(outs[m.name], outs[ref]))
+    for m in engines:
+        s = stats[m.name]
+        s["tokens_per_s"] = s["tokens"] / s["seconds"] if s["seconds"] else 0.0
+        ref = reference_of(m, engines)
+        base = stats.get(ref)
+        s["reference"] = ref if ref in stats else None
+        s["speedup_vs_reference"] = (s["tokens_per_s"] / base["tokens_per_s"]
+                                     if base and base["tokens_per_s"] else None)
+    return {"concurrency": concurrency, "requests": sum(len(g) for g in groups),
+            "methods": stats}
 
 
 def _summary(rows: list[Row], base: list[Row]) -> dict[str, Any]:
@@ -153,11 +211,13 @@ def _summary(rows: list[Row], base: list[Row]) -> dict[str, Any]:
     }
 
 
-def aggregate(rows: list[Row]) -> dict[str, Any]:
+def aggregate(rows: list[Row], references: dict[str, str] | None = None) -> dict[str, Any]:
     """Per method: overall and per-category throughput speedup over the baseline (ratio of
     tokens per second over the same turns), median per-turn speedup, mean accepted tokens per
     verification step, new tokens per target forward (prefill included), and the number of
-    turns whose tokens differ from the baseline."""
+    turns whose tokens differ from the method's reference. ``references``: method -> the
+    method it is checked against, when not the baseline; those methods also get their overall
+    ``speedup_vs_reference``."""
     methods = list(dict.fromkeys(r.method for r in rows))
     cats = sorted({r.category for r in rows})
     key = lambda r: (r.question_id, r.turn)  # noqa: E731
@@ -170,4 +230,10 @@ def aggregate(rows: list[Row]) -> dict[str, Any]:
         for c in cats:
             sub = [r for r in mine if r.category == c]
             out[m]["categories"][c] = _summary(sub, [base[key(r)] for r in sub])
+    for m, ref in (references or {}).items():
+        if m in out and ref in out and ref != m:
+            mine = out[m]["overall"]["tokens_per_s"]
+            theirs = out[ref]["overall"]["tokens_per_s"]
+            out[m]["reference"] = ref
+            out[m]["overall"]["speedup_vs_reference"] = mine / theirs if theirs else 0.0
     return out

@@ -3,7 +3,8 @@
 Spec strings: ``NAME[:KEY=VALUE,...]`` for specplug methods (``ngram``,
 ``layer_skip:layers=8``, ``ngram:tree=dynamic,tree_budget=12``); ``hf:greedy``,
 ``hf:prompt_lookup[:K]``, ``hf:early_exit[:LAYER]``, ``hf:assisted:model=NAME`` for plain
-transformers.
+transformers; ``vllm:none``, ``vllm:ngram[:K]``, ``vllm:specplug:DRAFTER[:KEY=VALUE,...]`` for
+real vLLM engines (``specplug.bench.vllm_methods``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,22 @@ class MethodRun:
 
 @dataclass
 class Method:
+    """A benchmarked method.
+
+    Attributes:
+        run: ``(prompt ids [1, L], max_new) -> MethodRun``, one request alone.
+        reference: the method whose temperature-0 tokens this one must reproduce (None: the
+            baseline ``hf:greedy``); vLLM methods are checked against ``vllm:none``.
+        batch: ``(prompts, max_new) -> tokens per prompt``, all submitted at once (engines
+            that batch concurrent requests); None where not measured.
+        close: releases what the method holds (an engine process).
+    """
+
     name: str
-    run: Callable[[torch.Tensor, int], MethodRun]  # (prompt ids [1, L], max_new) -> run
+    run: Callable[[torch.Tensor, int], MethodRun]
+    reference: str | None = None
+    batch: Callable[[list[list[int]], int], list[list[int]]] | None = None
+    close: Callable[[], None] | None = None
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -136,9 +151,16 @@ def _specplug_method(name: str, model: Any, method: str, opts: dict[str, Any],
 
 
 def parse_method(spec: str, model: Any, load: Callable[[str], Any],
-                 temperature: float = 0.0) -> Method:
-    """Build a runnable method from its spec string (see the module docstring)."""
+                 temperature: float = 0.0, model_dir: str | None = None) -> Method:
+    """Build a runnable method from its spec string (see the module docstring);
+    ``model_dir``: the target's HF folder, for ``vllm:`` methods."""
     head, _, rest = spec.partition(":")
+    if head == "vllm":
+        from specplug.bench.vllm_methods import vllm_method
+
+        if model_dir is None:
+            raise ValueError(f"{spec}: vLLM methods need the target's model folder")
+        return vllm_method(spec, model_dir, temperature)
     if head == "hf":
         return _hf_method(spec, model, rest, load, temperature)
     return _specplug_method(spec, model, head, _options(rest), load, temperature)

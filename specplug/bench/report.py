@@ -51,8 +51,29 @@ def markdown_table(aggregates: dict[str, Any], title: str) -> str:
         o = a["overall"]
         mism = o["mismatches"]
         flag = f"**{mism} MISMATCH**" if mism else "0"
+        ref = f" (vs `{a['reference']}`)" if a.get("reference") else ""
         lines.append(f"| `{m}` | " + " | ".join(cells) +
-                     f" | **{o['speedup']:.2f}x** / {o['mean_accepted_tokens']:.2f} | {flag} |")
+                     f" | **{o['speedup']:.2f}x** / {o['mean_accepted_tokens']:.2f} | {flag}{ref} |")
+    engines = {m: a for m, a in aggregates.items() if a.get("reference")}
+    if engines:
+        lines += ["", "Engines against their own plain run (batch 1, the same turns): "
+                  + ", ".join(f"`{m}` {a['overall']['speedup_vs_reference']:.2f}x over "
+                              f"`{a['reference']}`" for m, a in engines.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def concurrent_table(concurrent: dict[str, Any]) -> str:
+    """Throughput with several requests in flight (engines only)."""
+    if not concurrent:
+        return ""
+    lines = ["", f"#### {concurrent['concurrency']} concurrent requests "
+             f"({concurrent['requests']} requests in groups)", "",
+             "| method | tokens/s | speedup vs reference | mismatches |", "|---|---|---|---|"]
+    for m, s in concurrent["methods"].items():
+        vs = f"{s['speedup_vs_reference']:.2f}x vs `{s['reference']}`" \
+            if s.get("speedup_vs_reference") and s["reference"] != m else "-"
+        mism = f"**{s['mismatches']} MISMATCH**" if s["mismatches"] else "0"
+        lines.append(f"| `{m}` | {s['tokens_per_s']:.1f} | {vs} | {mism} |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,15 +131,18 @@ def replot(folder: Path) -> list[str]:
 
 
 def write_results(out: Path, settings: dict[str, Any], rows: list[Row],
-                  aggregates: dict[str, Any], plots: bool = True) -> dict[str, Any]:
+                  aggregates: dict[str, Any], plots: bool = True,
+                  concurrent: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write everything to ``out``; returns the JSON document."""
     out.mkdir(parents=True, exist_ok=True)
     title = f"{settings['model']}, {settings['max_new_tokens']} new tokens, " \
             f"T={settings['temperature']}"
     doc = {"machine": machine_info(), "settings": settings,
            "rows": [r.to_json() for r in rows], "aggregates": aggregates}
+    if concurrent:
+        doc["concurrent"] = concurrent
     (out / "results.json").write_text(json.dumps(doc, indent=1))
-    table = markdown_table(aggregates, title)
+    table = markdown_table(aggregates, title) + concurrent_table(concurrent or {})
     (out / "results.md").write_text(table)
     doc["files"] = ["results.json", "results.md"]
     if plots:
