@@ -174,3 +174,61 @@ def test_fixed_cpu_expand_matches_the_kernel(dtype, counts):
     total = int(cu[-1])
     assert out[:total].tolist() == reference_expand(values, cu, 0, 1)
     assert out[total:].tolist() == [-9, -9]
+
+
+# ------------------------------------------------------------------ vLLM version gate
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    """A stand-in ``vllm`` package with the one class ``register`` touches."""
+    import sys
+    import types
+
+    import specplug.adapters.vllm as adapter
+
+    class EngineArgs:
+        def __init__(self, spec):
+            self.speculative_config, self.additional_config = spec, {}
+
+        def create_speculative_config(self, *args):
+            return ("vllm saw", self.speculative_config, self.additional_config)
+
+    pkg = types.ModuleType("vllm")
+    engine = types.ModuleType("vllm.engine")
+    arg_utils = types.ModuleType("vllm.engine.arg_utils")
+    arg_utils.EngineArgs = EngineArgs
+    for name, mod in (("vllm", pkg), ("vllm.engine", engine),
+                      ("vllm.engine.arg_utils", arg_utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(adapter, "_state", {"registered": False, "supported": None})
+    monkeypatch.setattr(adapter, "_fix_cpu_expand", lambda: True)
+    return pkg, EngineArgs
+
+
+def test_unsupported_vllm_refuses_specplug_configs_and_touches_nothing_else(fake_vllm):
+    from specplug.adapters.vllm import register
+
+    pkg, EngineArgs = fake_vllm
+    pkg.__version__ = "0.40.1"
+    register()
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x; this is vLLM 0\.40\.1"):
+        EngineArgs({"method": "specplug", "drafter": "ngram"}).create_speculative_config()
+    plain = {"method": "ngram", "num_speculative_tokens": 3}
+    assert EngineArgs(plain).create_speculative_config() == ("vllm saw", plain, {})
+
+
+def test_supported_vllm_rewrites_specplug_configs_at_startup(fake_vllm):
+    from specplug.adapters.vllm import register
+
+    pkg, EngineArgs = fake_vllm
+    pkg.__version__ = "0.32.0"
+    register()
+    register()  # idempotent: vLLM calls it in every process, maybe more than once
+    _, spec, extra = EngineArgs({"method": "specplug", "drafter": "ngram",
+                                 "num-speculative-tokens": 3}).create_speculative_config()
+    assert spec == {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 3}
+    assert extra == {"specplug": {"drafter": "ngram"}}
+    with pytest.raises(ValueError, match="bogus"):
+        EngineArgs({"method": "specplug", "drafter": "ngram",
+                    "bogus": 1}).create_speculative_config()
