@@ -223,7 +223,8 @@ def test_openai_server_burst_identical_and_clean_shutdown(tmp_path):
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir(),
              "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--dtype", "float32",
              "--max-model-len", "1024", "--seed", "0", "--speculative-config", json.dumps(spec)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
         try:
             deadline = time.time() + 300
             while True:
@@ -249,8 +250,9 @@ def test_openai_server_burst_identical_and_clean_shutdown(tmp_path):
             server.send_signal(signal.SIGINT)
             try:
                 rc = server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            except subprocess.TimeoutExpired:  # take its engine-core child down with it
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
                 raise AssertionError("server did not shut down within 60 s of SIGINT") from None
     output = (tmp_path / "server.log").read_text()
     assert rc == 0, output[-4000:]

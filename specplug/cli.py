@@ -127,6 +127,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from specplug.bench.report import concurrent_table, markdown_table, write_results
     from specplug.models import load_model, resolve_model_dir
 
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     questions = load_questions(args.prompts, args.limit, args.categories)
     model, tokenizer = load_model(args.model)
     loaded: dict[str, Any] = {}
@@ -154,8 +156,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for m in methods:
             if m.close is not None:
                 m.close()
-    aggregates = aggregate(rows, {m.name: reference_of(m, methods) for m in methods
-                                  if m.reference})
+    references = {m.name: reference_of(m, methods) for m in methods if m.reference}
+    aggregates = aggregate(rows, {m: r for m, r in references.items() if r != BASELINE})
     settings = {"model": args.model, "methods": specs, "prompts": str(args.prompts),
                 "limit": args.limit, "max_new_tokens": args.max_new_tokens,
                 "repeats": args.repeats, "temperature": args.temperature,

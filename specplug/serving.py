@@ -57,6 +57,13 @@ class ChainProposer:
         self.config = config
         self.vocab_size = int(vocab_size)
         self.max_context = max_context
+        from specplug.plugins import get_registry
+
+        if target is None and get_registry().drafter(config.method).reads_target:
+            raise ValueError(
+                f"drafter {config.method!r} reads the target model's layers or hidden states; "
+                "this engine does not hand them to specplug. Use a drafter that needs only "
+                "token ids (ngram, draft_model, ...)")
         self.speculator = Speculator.from_config(config, target)
         self.drafter = self.speculator.drafter
         if self.drafter.hidden_layers:

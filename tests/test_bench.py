@@ -179,6 +179,10 @@ def test_accepted_lengths_from_vllm_counters():
     new_tokens = 1 + (3 + 1) + (1 + 1) + (0 + 1) + (2 + 1) + 1 + 1
     assert sorted(accepted_lengths(new_tokens, counters)) == [0, 0, 0, 1, 2, 3]
     assert accepted_lengths(5, {}) == [0, 0, 0, 0]  # plain decoding: one token per step
+    # vLLM counted 3 accepted in a last step that max_tokens cut to 1 emitted token: two
+    # steps (2 tokens, then 1), not the 3 + 1 accepted the counters say
+    cut = {"num_drafts": 2, "num_accepted_tokens": 4, "num_accepted_tokens_per_pos": [2, 1, 1]}
+    assert sorted(accepted_lengths(1 + 2 + 1, cut)) == [0, 1]
 
 
 def test_engine_methods_checked_against_their_own_reference(prompt_file, tmp_path):

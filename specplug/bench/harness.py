@@ -148,8 +148,11 @@ def run_concurrent(tokenizer: Any, questions: Sequence[Question], methods: Seque
     The first-turn prompts are taken in groups of ``concurrency``; each group is submitted at
     once to every method in turn (interleaved), ``repeats`` times. Per method: total new tokens
     over the median wall time of each group, and, at temperature 0, how many requests differ
-    from the method's reference.
+    from the method's reference (None: not checked, the reference is not an engine in the run
+    or the method is its own reference).
     """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     from specplug.models import encode_conversation
 
     engines = [m for m in methods if m.batch is not None]
@@ -161,7 +164,11 @@ def run_concurrent(tokenizer: Any, questions: Sequence[Question], methods: Seque
     groups = [g for g in groups if len(g) == concurrency] or groups[:1]
     for m in engines:  # warm-up at this batch size
         m.batch(groups[0][:concurrency], min(8, max_new_tokens))
-    stats = {m.name: {"tokens": 0, "seconds": 0.0, "mismatches": 0} for m in engines}
+    checked = {m.name: temperature == 0.0 and reference_of(m, engines) in
+               {e.name for e in engines} and reference_of(m, engines) != m.name
+               for m in engines}
+    stats = {m.name: {"tokens": 0, "seconds": 0.0,
+                      "mismatches": 0 if checked[m.name] else None} for m in engines}
     for group in groups:
         outs: dict[str, list[list[int]]] = {}
         times: dict[str, list[float]] = {m.name: [] for m in engines}
@@ -174,9 +181,9 @@ def run_concurrent(tokenizer: Any, questions: Sequence[Question], methods: Seque
             s = stats[m.name]
             s["tokens"] += sum(len(o) for o in outs[m.name])
             s["seconds"] += statistics.median(times[m.name])
-            ref = reference_of(m, engines)
-            if temperature == 0.0 and ref in outs and ref != m.name:
-                s["mismatches"] += sum(a != b for a, b in zip(outs[m.name], outs[ref]))
+            if checked[m.name]:
+                ref = outs[reference_of(m, engines)]
+                s["mismatches"] += sum(a != b for a, b in zip(outs[m.name], ref))
     for m in engines:
         s = stats[m.name]
         s["tokens_per_s"] = s["tokens"] / s["seconds"] if s["seconds"] else 0.0
@@ -185,7 +192,7 @@ def run_concurrent(tokenizer: Any, questions: Sequence[Question], methods: Seque
         s["reference"] = ref if ref in stats else None
         s["speedup_vs_reference"] = (s["tokens_per_s"] / base["tokens_per_s"]
                                      if base and base["tokens_per_s"] else None)
-    return {"concurrency": concurrency, "requests": sum(len(g) for g in groups),
+    return {"concurrency": max(len(g) for g in groups), "requests": sum(len(g) for g in groups),
             "methods": stats}
 
 

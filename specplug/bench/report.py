@@ -72,7 +72,8 @@ def concurrent_table(concurrent: dict[str, Any]) -> str:
     for m, s in concurrent["methods"].items():
         vs = f"{s['speedup_vs_reference']:.2f}x vs `{s['reference']}`" \
             if s.get("speedup_vs_reference") and s["reference"] != m else "-"
-        mism = f"**{s['mismatches']} MISMATCH**" if s["mismatches"] else "0"
+        mism = "-" if s["mismatches"] is None else \
+            f"**{s['mismatches']} MISMATCH**" if s["mismatches"] else "0"
         lines.append(f"| `{m}` | {s['tokens_per_s']:.1f} | {vs} | {mism} |")
     return "\n".join(lines) + "\n"
 

@@ -7,8 +7,10 @@ run beside it; the bench process sends token-id prompts over a pipe and times ea
 the interleaved order and the timings are the same as for every other method.
 
 Acceptance comes from vLLM's own spec-decode counters (the difference over each call):
-``num_drafts`` and the per-position accepted counts give the exact distribution of accepted
-lengths per drafted step, and steps vLLM ran without a draft count as 0 accepted.
+``num_drafts`` and the per-position accepted counts give the distribution of accepted lengths
+per drafted step, and steps vLLM ran without a draft count as 0 accepted. vLLM counts a step's
+accepted drafts before it cuts the output at ``max_tokens`` or EOS, so the last step can count
+more than was emitted; the lengths are trimmed to the tokens actually emitted.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def vllm_speculative_config(rest: str) -> dict[str, Any] | None:
 
 def _serve(conn: Any, job: dict[str, Any]) -> None:
     """Engine process: build the engine, then answer ``(prompts, max_new)`` until ``None``."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # the engine runs inside this (daemonic) process, which may not start children
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     try:
         from vllm import LLM, SamplingParams
@@ -100,18 +103,27 @@ def _sub(a: Any, b: Any) -> Any:
 
 def accepted_lengths(new_tokens: int, counters: dict[str, Any]) -> list[int]:
     """Accepted draft tokens of every decode step of one single-request generation, from
-    vLLM's counter deltas (order is lost; the distribution is exact). The first token comes
-    from the prefill; every later step emits its accepted drafts plus one token."""
+    vLLM's counter deltas (order is lost). The first token comes from the prefill; every later
+    step emits its accepted drafts plus one token; counts past the emitted tokens (a last
+    step cut at max_tokens or EOS) are trimmed from the longest steps."""
     drafts = int(counters.get("num_drafts", 0))
     per_pos = [int(x) for x in counters.get("num_accepted_tokens_per_pos", [])]
-    accepted = int(counters.get("num_accepted_tokens", 0))
     out: list[int] = []
     for j in range(len(per_pos)):  # drafts with exactly j + 1 tokens accepted
         more = per_pos[j + 1] if j + 1 < len(per_pos) else 0
         out += [j + 1] * (per_pos[j] - more)
     out += [0] * (drafts - len(out))
-    steps = max(new_tokens - 1 - accepted, 0)
-    out += [0] * (steps - len(out))  # steps vLLM ran without any draft
+    out.sort(reverse=True)
+    emitted = max(new_tokens - 1, 0)  # after the prefill's token
+    excess = sum(out) + len(out) - emitted  # > 0 only if the last step was cut
+    i = 0
+    while excess > 0 and i < len(out):
+        cut = min(out[i], excess)
+        out[i] -= cut
+        excess -= cut
+        i += 1
+    out = out[:emitted]
+    out += [0] * (emitted - sum(out) - len(out))  # steps vLLM ran without any draft
     return out
 
 
@@ -143,7 +155,10 @@ class VllmEngine:
                  ) -> tuple[list[list[int]], dict[str, Any]]:
         """Token ids per prompt (all submitted at once), and the spec-decode counter deltas."""
         self.conn.send((prompts, max_new))
-        status, tokens, counters = self._recv()
+        reply = self._recv()
+        if reply[0] != "ok":
+            raise RuntimeError(f"vLLM engine failed: {reply[1:]}")
+        _, tokens, counters = reply
         return tokens, counters
 
     def close(self) -> None:
@@ -153,6 +168,8 @@ class VllmEngine:
             self.proc.join(30)
             if self.proc.is_alive():
                 self.proc.kill()
+                self.proc.join(10)
+        self.conn.close()
 
 
 def vllm_method(spec: str, model_dir: str, temperature: float = 0.0,
