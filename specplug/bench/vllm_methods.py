@@ -2,7 +2,8 @@
 ``vllm:specplug:DRAFTER[:KEY=VALUE,...]``.
 
 Each method is a real vLLM engine (``LLM``, float32, eager) living in its own process for the
-whole run, so vLLM's thread binding and global state never touch the transformers methods that
+whole run (started with ``SPECPLUG_VLLM_PYTHON`` when set, for a vLLM kept in its own venv as
+``scripts/setup.sh dev`` does; else this Python), so vLLM's thread binding and global state never touch the transformers methods that
 run beside it; the bench process sends token-id prompts over a pipe and times each call, so
 the interleaved order and the timings are the same as for every other method.
 
@@ -58,6 +59,12 @@ def vllm_speculative_config(rest: str) -> dict[str, Any] | None:
 
 def _serve(conn: Any, job: dict[str, Any]) -> None:
     """Engine process: build the engine, then answer ``(prompts, max_new)`` until ``None``."""
+    import site
+    import sys
+
+    # spawn hands the child the parent's sys.path; under SPECPLUG_VLLM_PYTHON this interpreter's
+    # own packages (vLLM and its pinned transformers) must come first, as they would in it
+    sys.path[:0] = [p for p in site.getsitepackages() if p not in sys.path[:1]]
     # the engine runs inside this (daemonic) process, which may not start children
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -133,6 +140,9 @@ class VllmEngine:
     def __init__(self, model_dir: str, speculative_config: dict[str, Any] | None,
                  temperature: float = 0.0, max_model_len: int = 4096, seed: int = 0):
         ctx = multiprocessing.get_context("spawn")
+        python = os.environ.get("SPECPLUG_VLLM_PYTHON")
+        if python:
+            ctx.set_executable(python)
         self.conn, child = ctx.Pipe()
         job = {"model": model_dir, "speculative_config": speculative_config,
                "temperature": temperature, "max_model_len": max_model_len, "seed": seed}
