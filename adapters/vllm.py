@@ -100,15 +100,12 @@ def spec_config_from(options: dict[str, Any], num_speculative_tokens: int | None
     if config.tree != "chain":
         raise ValueError(f"invalid specplug speculative config: tree={config.tree!r}, but vLLM "
                          "verifies chains only; use \"tree\": \"chain\" (the default)")
-    from specplug.plugins import get_registry
+    from specplug.serving import check_token_only
 
-    registry = get_registry()
-    if registry.drafter(drafter).reads_target:
-        usable = sorted(n for n, c in registry.drafters.items() if not c.reads_target)
-        raise ValueError(
-            f"invalid specplug speculative config: drafter={drafter!r} reads the target model's "
-            "layers or hidden states, which vLLM's custom proposer seam does not hand to "
-            f"plugins (docs/vllm.md); drafters that work in vLLM: {', '.join(usable)}")
+    try:
+        check_token_only(drafter, "vLLM's custom proposer seam (docs/vllm.md)")
+    except ValueError as err:
+        raise ValueError(f"invalid specplug speculative config: {err}") from None
     return config
 
 

@@ -35,7 +35,25 @@ from specplug.engine import Speculator
 from specplug.sampling import SamplingParams
 from specplug.tree import ChainBuilder
 
-__all__ = ["ChainProposer"]
+__all__ = ["ChainProposer", "check_token_only"]
+
+
+def check_token_only(method: str, engine: str = "this engine") -> None:
+    """Refuse a drafter that reads the target model (its layers or hidden states), for engines
+    that hand specplug token ids only.
+
+    Raises:
+        ValueError: naming the drafter and the drafters that do work.
+    """
+    from specplug.plugins import get_registry
+
+    registry = get_registry()
+    if registry.drafter(method).reads_target:
+        usable = sorted(n for n, c in registry.drafters.items() if not c.reads_target)
+        raise ValueError(
+            f"drafter {method!r} reads the target model's layers or hidden states, which "
+            f"{engine} does not hand to specplug; drafters that need only token ids: "
+            f"{', '.join(usable)}")
 
 
 class ChainProposer:
@@ -57,20 +75,13 @@ class ChainProposer:
         self.config = config
         self.vocab_size = int(vocab_size)
         self.max_context = max_context
-        from specplug.plugins import get_registry
-
-        if target is None and get_registry().drafter(config.method).reads_target:
-            raise ValueError(
-                f"drafter {config.method!r} reads the target model's layers or hidden states; "
-                "this engine does not hand them to specplug. Use a drafter that needs only "
-                "token ids (ngram, draft_model, ...)")
+        if target is None:
+            check_token_only(config.method)
         self.speculator = Speculator.from_config(config, target)
         self.drafter = self.speculator.drafter
-        if self.drafter.hidden_layers:
-            raise ValueError(
-                f"drafter {config.method!r} reads the target's hidden states, which this engine "
-                "does not pass to specplug; use a drafter that needs only token ids (ngram, "
-                "draft_model, ...)")
+        if self.drafter.hidden_layers:  # no engine here passes target_hidden
+            raise ValueError(f"drafter {config.method!r} reads the target's hidden states, "
+                             "which this engine does not pass to specplug")
         model = getattr(self.drafter, "model", None)
         if model is not None and hasattr(model, "get_output_embeddings"):
             check_vocab(output_vocab(model), self.vocab_size, f"the {config.method!r} model")
@@ -87,7 +98,7 @@ class ChainProposer:
         """One chain per row.
 
         Args:
-            histories: per row, every token of the request so far (prompt and output); the
+            histories: per row, every token id (Python ints) of the request so far (prompt and output); the
                 last one is committed but not yet scored by the target.
             committed: per row, the tokens the engine committed for it in the step that just
                 ran (accepted drafts then the target's own token); empty for a row the engine
@@ -98,8 +109,8 @@ class ChainProposer:
         """
         if len(histories) != len(committed):
             raise ValueError(f"{len(histories)} histories but {len(committed)} committed lists")
-        rows = [list(map(int, h)) for h in histories]
-        done = [list(map(int, c)) for c in committed]
+        rows = [list(h) for h in histories]
+        done = [list(c) for c in committed]
         active = [bool(c) and bool(h) for h, c in zip(rows, done)]
         if not any(active):
             self._rows = self._scored = None

@@ -64,7 +64,7 @@ def _serve(conn: Any, job: dict[str, Any]) -> None:
 
     # spawn hands the child the parent's sys.path; under SPECPLUG_VLLM_PYTHON this interpreter's
     # own packages (vLLM and its pinned transformers) must come first, as they would in it
-    sys.path[:0] = [p for p in site.getsitepackages() if p not in sys.path[:1]]
+    sys.path[:0] = site.getsitepackages()
     # the engine runs inside this (daemonic) process, which may not start children
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
