@@ -69,13 +69,21 @@ def model_dir() -> str:
         pytest.skip(f"smollm2-135m weights package is not installed: {err}")
 
 
+def engine_env(**extra: str) -> dict[str, str]:
+    """The environment for a vLLM process: ours minus the unit tests' Triton interpreter
+    switches (tests/conftest.py), which are for specplug's kernels, not vLLM's."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "SPECPLUG_KERNELS_POISON")}
+    return {**env, **extra}
+
+
 def run_job(job: dict, env: dict | None = None, check: bool = True,
             timeout: int = 600) -> tuple[dict | None, subprocess.CompletedProcess]:
     _vllm_available()
     job = {"model": model_dir(), **job}
     proc = subprocess.run([VLLM_PY, str(HERE / "vllm_driver.py"), json.dumps(job)],
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env=engine_env(**(env or {})))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if check and (proc.returncode != 0 or not lines):
         raise AssertionError(f"vLLM job failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -249,7 +257,7 @@ def test_openai_server_burst_identical_and_clean_shutdown(tmp_path):
              "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--dtype", "float32",
              "--max-model-len", "1024", "--seed", "0", "--speculative-config", json.dumps(spec)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+            env=engine_env(VLLM_CPU_KVCACHE_SPACE="1"))
         try:
             deadline = time.time() + 300
             while True:

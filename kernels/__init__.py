@@ -1,1 +1,22 @@
-"""Triton kernels beside their torch references (see docs/kernels.md once they land)."""
+"""``specplug.kernels``: the speculative hot path, each op a Triton kernel beside its torch
+reference with the same signature (docs/kernels.md). Importing this never imports triton."""
+
+from specplug.kernels._dispatch import pick_backend, triton_available
+from specplug.kernels.kv_compact import compact_kv, compact_kv_layers
+from specplug.kernels.verify import (
+    ChainVerifyOutput,
+    TreeVerifyOutput,
+    verify_chains,
+    verify_tree,
+)
+
+__all__ = [
+    "ChainVerifyOutput",
+    "TreeVerifyOutput",
+    "compact_kv",
+    "compact_kv_layers",
+    "pick_backend",
+    "triton_available",
+    "verify_chains",
+    "verify_tree",
+]

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from specplug.kernels.kv_compact import compact_kv_layers
+
 __all__ = ["ModelRunner", "RunnerOutput", "TreeKVCache"]
 
 
@@ -65,17 +67,14 @@ class TreeKVCache:
         self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
         return new_k, new_v
 
-    def move(self, dst: int, src: torch.Tensor) -> None:
-        """Per row, copy slots ``src[b, j]`` to slot ``dst + j``. ``src``: ``[B, K]`` int64,
-        every ``src[b, j] >= dst + j`` (compaction only moves entries left)."""
-        K = src.shape[1]
-        if K == 0:
-            return
-        for layer in self.keys:
-            for buf in (self.keys[layer], self.values[layer]):
-                B, H, _, D = buf.shape
-                idx = src[:, None, :, None].expand(B, H, K, D)
-                buf[:, :, dst:dst + K] = torch.gather(buf, 2, idx)
+    def move(self, dst: int, src: torch.Tensor, num: torch.Tensor) -> None:
+        """Per row b, copy slot ``src[b, j]`` to slot ``dst + j`` for ``j < num[b]`` in every
+        layer's K and V buffers, in place (one ``compact_kv_layers`` call); other slots keep
+        their contents. ``src``: ``[B, K]`` int64, over a row's first ``num[b]`` entries
+        strictly increasing with ``src[b, j] >= dst + j`` (compaction only moves entries
+        left); ``num``: ``[B]`` int64."""
+        buffers = [buf for layer in self.keys for buf in (self.keys[layer], self.values[layer])]
+        compact_kv_layers(buffers, dst, src, num)
 
 
 @dataclass
@@ -262,8 +261,10 @@ class ModelRunner:
         K = int(num_keep.max()) if num_keep.numel() else 0
         keep = keep[:, :K]
         used = torch.arange(K)[None, :] < num_keep[:, None]
+        # padding entries point at slot `committed` (a valid index for the vidx gather below);
+        # num_keep keeps them out of the move
         src = self.committed + torch.where(used, keep, 0)
-        self.cache.move(self.committed, src)
+        self.cache.move(self.committed, src, num_keep)
         base = self.committed
         new_vidx = self.vidx.gather(1, src)
         self.valid = torch.cat([self.valid[:, :base], used], 1)

@@ -12,6 +12,9 @@ Three verifiers, all batched with ragged acceptance per row:
   the target's distribution.
 * ``typical``: Medusa's typical acceptance, an explicitly lossy opt-in.
 
+``greedy`` and ``exact`` run ``specplug.kernels.verify_tree`` (Triton on CUDA, its torch
+reference on CPU); the algorithm and how randomness enters are described there.
+
 Shapes: ``B`` rows, ``N`` nodes, ``V`` vocabulary, ``D`` max accepted depth. Target logits are
 ``[B, N + 1, V]``: index 0 is the root (the last committed token), index i + 1 is node i.
 """
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specplug.sampling import SamplingParams, check_finite, probs_from_logits
+from specplug.kernels.verify import TreeVerifyOutput, verify_tree
+from specplug.sampling import SamplingParams, check_finite, probs_from_logits, warp_logits
 from specplug.tree import DraftTree, TreeLayout
 
 __all__ = ["VerifyResult", "verify_exact", "verify_greedy", "verify_typical"]
@@ -64,10 +68,9 @@ def _check_logits(tree: DraftTree, logits: torch.Tensor) -> None:
 def _path_result(layout: TreeLayout, best: torch.Tensor, best_depth: torch.Tensor,
                  bonus: torch.Tensor) -> VerifyResult:
     """Turn a chosen node per row (-1 = none) into the accepted path."""
-    B = best.shape[0]
-    D = max(layout.max_depth, 1)
     paths = layout.retrieve_indices()  # [B, N, D]
-    if paths.shape[1] == 0:
+    B, N, D = paths.shape
+    if N == 0:
         acc = torch.full((B, D), -1, dtype=torch.long)
     else:
         acc = paths[torch.arange(B), best.clamp(min=0)]
@@ -75,108 +78,48 @@ def _path_result(layout: TreeLayout, best: torch.Tensor, best_depth: torch.Tenso
     return VerifyResult(accepted_nodes=acc, num_accepted=best_depth, bonus_tokens=bonus)
 
 
+def _layout_tensors(tree: DraftTree, layout: TreeLayout) -> dict[str, torch.Tensor]:
+    return dict(ancestors=layout.ancestors, depth=layout.depth,
+                retrieve=layout.retrieve_indices())
+
+
+def _result(out: TreeVerifyOutput) -> VerifyResult:
+    return VerifyResult(accepted_nodes=out.accepted_nodes, num_accepted=out.num_accepted,
+                        bonus_tokens=out.bonus_tokens)
+
+
 def verify_greedy(tree: DraftTree, target_logits: torch.Tensor,
                   layout: TreeLayout | None = None) -> VerifyResult:
-    """Accept the deepest path whose tokens all match the target's argmax."""
+    """Accept the deepest path whose tokens all match the target's argmax (the earliest of
+    equally deep ones); the bonus token is the argmax after it. Runs
+    ``specplug.kernels.verify_tree``: the Triton kernel on CUDA, its torch reference on CPU."""
     _check_logits(tree, target_logits)
     layout = layout or TreeLayout.from_tree(tree)
-    B, N = tree.tokens.shape
-    argmax = target_logits.argmax(-1)  # [B, N+1]
-    if N == 0:
-        z = torch.zeros(B, dtype=torch.long)
-        return _path_result(layout, z - 1, z, argmax[:, 0])
-    parent_pred = argmax.gather(1, tree.parents + 1)  # [B, N]
-    matched = (tree.tokens == parent_pred) & layout.real
-    # a node is on an accepted path if it and all its ancestors matched
-    ok = ~(layout.ancestors & ~matched[:, None, :]).any(-1) & layout.real
-    score = torch.where(ok, layout.depth, 0)
-    best_depth, best = score.max(-1)
-    # max() returns the first maximum: among equally deep accepted nodes, the earliest
-    best = torch.where(best_depth > 0, best, -1)
-    bonus = argmax.gather(1, (best + 1)[:, None]).squeeze(1)
-    return _path_result(layout, best, best_depth, bonus)
-
-
-def _residual(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """After rejecting draft ``x [R]`` drawn from ``q [R, V]`` (None: one-hot at x), the
-    target distribution ``p [R, V]`` becomes ``norm(max(p - q, 0))``."""
-    if q is None:
-        resid = p.clone()
-        resid[torch.arange(p.shape[0]), x] = 0.0
-    else:
-        resid = (p - q).clamp(min=0.0)
-    total = resid.sum(-1, keepdim=True)
-    # p == q up to rounding: the rejection had probability ~0; keep p (bias < 1e-7)
-    return torch.where(total > 1e-12, resid / total.clamp(min=1e-30), p)
+    return _result(verify_tree(tree.tokens, tree.parents, tree.num_nodes, target_logits,
+                               temperature=0.0, **_layout_tensors(tree, layout)))
 
 
 def verify_exact(tree: DraftTree, target_logits: torch.Tensor, sampling: SamplingParams,
                  generator: torch.Generator | None = None,
                  layout: TreeLayout | None = None) -> VerifyResult:
-    """Lossless recursive rejection sampling over trees (chains are the one-child case)."""
+    """Lossless recursive rejection sampling over trees (chains are the one-child case),
+    through ``specplug.kernels.verify_tree``; its uniforms come from ``generator``. Top-k /
+    top-p warp the logits first (temperature then travels inside the warped logits)."""
     _check_logits(tree, target_logits)
     if sampling.greedy:
         return verify_greedy(tree, target_logits, layout)
     layout = layout or TreeLayout.from_tree(tree)
     B, N = tree.tokens.shape
-    p_all = probs_from_logits(target_logits, sampling)  # [B, N+1, V]
-    rows = torch.arange(B)
-    # children[b, slot, r]: r-th child (node index) of slot (0 = root, i+1 = node i); -1 none
-    max_children = N if N > 0 else 1
-    children = torch.full((B, N + 1, max_children), -1, dtype=torch.long)
-    rank = torch.zeros(B, N + 1, dtype=torch.long)
-    for i in range(N):  # N is small; one vector op per node index across rows
-        real = layout.real[:, i]
-        slot = tree.parents[:, i] + 1
-        r = rank[rows, slot]
-        sel = real.nonzero(as_tuple=True)[0]
-        children[sel, slot[sel], r[sel]] = i
-        rank[sel, slot[sel]] += 1
-
-    cur = torch.zeros(B, dtype=torch.long)  # current slot
-    sib = torch.zeros(B, dtype=torch.long)
-    p = p_all[:, 0].clone()
-    done = torch.zeros(B, dtype=torch.bool)
-    bonus = torch.zeros(B, dtype=torch.long)
-    best = torch.full((B,), -1, dtype=torch.long)
-    depth = torch.zeros(B, dtype=torch.long)
-    for _ in range(2 * N + 2):
-        if bool(done.all()):
-            break
-        child = torch.where(sib < max_children,
-                            children[rows, cur, sib.clamp(max=max_children - 1)], -1)
-        finishing = ~done & (child < 0)
-        if finishing.any():
-            idx = finishing.nonzero(as_tuple=True)[0]
-            bonus[idx] = torch.multinomial(p[idx], 1, generator=generator).squeeze(-1)
-            done |= finishing
-        trying = ~done
-        u = torch.rand(B, generator=generator)
-        if not trying.any():
-            break
-        c = child.clamp(min=0)
-        x = tree.tokens[rows, c]
-        px = p[rows, x]
-        if tree.draft_probs is None:
-            q = None
-            qx = torch.ones(B)
-        else:
-            q = tree.draft_probs[rows, c]  # [B, V]
-            qx = q[rows, x]
-        accept = trying & (u * qx < px)
-        reject = trying & ~accept
-        if accept.any():
-            a = accept.nonzero(as_tuple=True)[0]
-            best[a] = c[a]
-            depth[a] += 1
-            cur[a] = c[a] + 1
-            sib[a] = 0
-            p[a] = p_all[a, c[a] + 1]
-        if reject.any():
-            r = reject.nonzero(as_tuple=True)[0]
-            p[r] = _residual(p[r], None if q is None else q[r], x[r])
-            sib[r] += 1
-    return _path_result(layout, best, depth, bonus)
+    temperature = sampling.temperature
+    if sampling.top_k or sampling.top_p < 1.0:
+        target_logits, temperature = warp_logits(target_logits, sampling), 1.0
+    dev = target_logits.device
+    uniforms = torch.rand(B, N, generator=generator, device=dev)
+    bonus_uniforms = torch.rand(B, generator=generator, device=dev)
+    return _result(verify_tree(tree.tokens, tree.parents, tree.num_nodes, target_logits,
+                               temperature=temperature, draft_probs=tree.draft_probs,
+                               uniforms=uniforms, bonus_uniforms=bonus_uniforms,
+                               **_layout_tensors(tree, layout)))
 
 
 def verify_typical(tree: DraftTree, target_logits: torch.Tensor, sampling: SamplingParams,

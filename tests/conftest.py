@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Triton kernels run in its CPU interpreter and every fresh kernel output starts poisoned, so an
+# element a kernel forgets to write fails its comparison with the torch reference (kernels/).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SPECPLUG_KERNELS_POISON", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

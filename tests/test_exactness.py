@@ -22,7 +22,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import specplug.verify as verify_mod
+import specplug.kernels.verify as verify_kernels
 from specplug.drafters.base import Candidates, DraftContext, Drafter
 from specplug.sampling import SamplingParams, probs_from_logits
 from specplug.tree import ChainBuilder, DynamicTreeBuilder, StaticTreeBuilder
@@ -131,12 +131,11 @@ def test_one_step_matches_target(builder_name, sampling_name, drafter_kind):
 @pytest.mark.parametrize("bias", ["resample-from-target", "under-corrected-residual"])
 def test_planted_bias_is_detected(monkeypatch, bias):
     """Two subtle verifier bugs; the exactness check must reject both."""
-    original = verify_mod._residual
+    original = verify_kernels._residual
     if bias == "resample-from-target":  # forgetting the residual: resample from p
-        monkeypatch.setattr(verify_mod, "_residual", lambda p, q, x: p)
+        monkeypatch.setattr(verify_kernels, "_residual", lambda p, q: p)
     else:  # subtracting only 80% of q
-        monkeypatch.setattr(verify_mod, "_residual",
-                            lambda p, q, x: original(p, None if q is None else 0.8 * q, x))
+        monkeypatch.setattr(verify_kernels, "_residual", lambda p, q: original(p, 0.8 * q))
     target, good, _ = tables()
     sampling = SAMPLINGS["t1"]
     drafter = MarkovDrafter(good, sampling, probabilistic=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from specplug.adapters import hf as hf_adapter
 from tiny_models import MODELS, VOCAB, repetitive_prompts, tiny_gemma, tiny_llama
 
 import specplug.hf as sh
+from specplug.adapters import hf as hf_adapter
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from specplug.adapters.vllm import PROPOSER, fixed_cpu_expand, translate_speculative_config
 from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
 
+from specplug.adapters.vllm import PROPOSER, fixed_cpu_expand, translate_speculative_config
 from specplug.config import SpecConfig
 from specplug.serving import ChainProposer
 
