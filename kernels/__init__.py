@@ -3,6 +3,8 @@ reference with the same signature (docs/kernels.md). Importing this never import
 
 from specplug.kernels._dispatch import pick_backend, triton_available
 from specplug.kernels.kv_compact import compact_kv, compact_kv_layers
+from specplug.kernels.softmax_topk import softmax_topk
+from specplug.kernels.tree_prep import TreePrep, prepare_tree
 from specplug.kernels.verify import (
     ChainVerifyOutput,
     TreeVerifyOutput,
@@ -12,10 +14,13 @@ from specplug.kernels.verify import (
 
 __all__ = [
     "ChainVerifyOutput",
+    "TreePrep",
     "TreeVerifyOutput",
     "compact_kv",
     "compact_kv_layers",
     "pick_backend",
+    "prepare_tree",
+    "softmax_topk",
     "triton_available",
     "verify_chains",
     "verify_tree",

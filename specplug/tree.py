@@ -8,7 +8,6 @@ Shapes: ``B`` rows, ``N`` nodes per row (padded), ``V`` vocabulary, ``D`` max de
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem
+from specplug.kernels.tree_prep import prepare_tree
 
 __all__ = [
     "ChainBuilder",
@@ -68,7 +68,8 @@ class DraftTree:
 
 @dataclass
 class TreeLayout:
-    """What the runner and the verifier derive from a tree's parents.
+    """What the runner and the verifier derive from a tree's parents (``prepare_tree``: the
+    Triton kernel for CUDA trees, its torch reference otherwise).
 
     Attributes:
         depth: ``[B, N]`` int64, 1 for children of the root; 0 for padding.
@@ -76,46 +77,30 @@ class TreeLayout:
             (padding nodes see only themselves).
         real: ``[B, N]`` bool, real (non-padding) nodes.
         max_depth: deepest real node over the batch.
+        retrieve: ``[B, N, N]`` int64, each node's path (see ``retrieve_indices``).
     """
 
     depth: torch.Tensor
     ancestors: torch.Tensor
     real: torch.Tensor
     max_depth: int
+    retrieve: torch.Tensor
 
     @staticmethod
     def from_tree(tree: DraftTree) -> TreeLayout:
-        B, N = tree.tokens.shape
-        real = torch.arange(N)[None, :] < tree.num_nodes[:, None]
-        eye = torch.eye(N, dtype=torch.bool).expand(B, N, N)
-        if N == 0:
-            return TreeLayout(torch.zeros(B, 0, dtype=torch.long), eye.clone(), real, 0)
-        has_parent = real & (tree.parents >= 0)
-        parent_onehot = torch.zeros(B, N, N, dtype=torch.bool)
-        rows = has_parent.nonzero(as_tuple=True)
-        parent_onehot[rows[0], rows[1], tree.parents[rows]] = True
-        anc = eye | parent_onehot
-        # Closure by squaring: ceil(log2(N)) boolean matrix products.
-        for _ in range(max(1, math.ceil(math.log2(max(N, 2))))):
-            anc = anc | (torch.bmm(anc.float(), anc.float()) > 0)
-        depth = torch.where(real, anc.sum(-1), torch.zeros((), dtype=torch.long))
-        return TreeLayout(depth=depth, ancestors=anc, real=real,
-                          max_depth=int(depth.max()) if depth.numel() else 0)
+        prep = prepare_tree(tree.parents, tree.num_nodes)
+        return TreeLayout(depth=prep.depth, ancestors=prep.ancestors, real=prep.depth > 0,
+                          max_depth=int(prep.depth.max()) if prep.depth.numel() else 0,
+                          retrieve=prep.retrieve)
 
     def retrieve_indices(self) -> torch.Tensor:
-        """``[B, N, D]`` int64: for each node, its path from the root's child down to itself
-        (node indices in depth order, -1 padded), to read out an accepted path."""
-        B, N, _ = self.ancestors.shape
-        D = max(self.max_depth, 1)
-        out = torch.full((B, N, D), -1, dtype=torch.long)
+        """``[B, N, D]`` int64 with ``D = max(max_depth, 1)``: for each node, its path from the
+        root's child down to itself (node indices in depth order, -1 padded), to read out an
+        accepted path."""
+        B, N, _ = self.retrieve.shape
         if N == 0:
-            return out
-        anc_depth = torch.where(self.ancestors, self.depth[:, None, :], 0)  # [B, N, N]
-        for d in range(1, D + 1):
-            hit = anc_depth == d
-            found = hit.any(-1)
-            out[..., d - 1] = torch.where(found, hit.float().argmax(-1), -1)
-        return out
+            return torch.full((B, 0, 1), -1, dtype=torch.long, device=self.retrieve.device)
+        return self.retrieve[..., : max(self.max_depth, 1)]
 
 
 @dataclass

@@ -22,6 +22,8 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from specplug.kernels import _triton_kv_compact as tk  # noqa: E402
+from specplug.kernels import _triton_softmax_topk as ts  # noqa: E402
+from specplug.kernels import _triton_tree_prep as tt  # noqa: E402
 from specplug.kernels import _triton_verify as tv  # noqa: E402
 
 I64, F32 = "*i64", "*fp32"
@@ -53,6 +55,18 @@ KERNELS = [
      dict(bases_ptr=I64, src_ptr=I64, num_ptr=I64, dst="i32", H="i32", D="i32", K="i32",
           stride_b="i64", stride_h="i64", stride_s="i64", stride_d="i64"),
      [dict(ELEM=tl.bfloat16, BLOCK_D=128), dict(ELEM=tl.float32, BLOCK_D=256)]),
+    (tt._tree_prep_kernel,
+     dict(parents_ptr=I64, num_nodes_ptr=I64, root_pos_ptr=I64, depth_ptr=I64, pos_ptr=I64,
+          anc_ptr="*i1", ret_ptr=I64, N="i32", D="i32"),
+     [dict(HAS_ROOT=h, BLOCK_I=16, BLOCK_J=128, BLOCK_D=64) for h in (True, False)]),
+    (ts._chunk_kernel,
+     dict(x_ptr="*bf16", stride_m="i32", stride_v="i32", V="i32", temperature="fp32",
+          n_chunks="i32", tiles_per_chunk="i32", keys_ptr=I64, max_ptr=F32, sum_ptr=F32),
+     [dict(KP=kp, TILE=2048) for kp in (1, 4, 64)]),
+    (ts._merge_kernel,
+     dict(keys_ptr=I64, max_ptr=F32, sum_ptr=F32, n_chunks="i32", k="i32", temperature="fp32",
+          probs_ptr=F32, idx_ptr=I64),
+     [dict(KP=kp, NCP=64) for kp in (1, 4, 64)]),
 ]
 
 

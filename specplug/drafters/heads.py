@@ -23,6 +23,7 @@ from specplug.drafters.base import (
     FrontierItem,
 )
 from specplug.hookspecs import hookimpl
+from specplug.kernels.softmax_topk import softmax_topk
 from specplug.sampling import SamplingParams, check_finite, probs_from_logits
 
 __all__ = ["HeadDrafter", "HeadOptions", "shipped_head"]
@@ -154,17 +155,15 @@ class HeadDrafter(Drafter):
 
     def _candidates(self, logits: torch.Tensor, k: int, node: _Node, state: Any) -> Candidates:
         vocab = self.net.draft_vocab
-        if self.sampling.greedy:
-            probs = logits.softmax(-1)
-            top = torch.topk(probs, min(k, probs.shape[-1]))
-            tokens, dist = vocab[top.indices], None
-        else:
+        if self.sampling.greedy:  # fused: the draft-vocabulary distribution is never written
+            probs, idx = softmax_topk(logits[None], min(k, logits.shape[-1]))
+            probs, tokens, dist = probs[0], vocab[idx[0]], None
+        else:  # sampling draws children from the whole distribution
             full = torch.full((self.vocab_size,), float("-inf"))
             full[vocab] = logits
             dist = probs_from_logits(full, self.sampling)
-            top = torch.topk(dist, min(k, vocab.numel()))
-            tokens = top.indices
-        probs_l = top.values.tolist()
+            probs, tokens = torch.topk(dist, min(k, vocab.numel()))
+        probs_l = probs.tolist()
         if (k == 1 and self.options.adaptive and self.slope is not None and probs_l
                 and not worth_extending(node, probs_l[0], self.slope)):
             return EMPTY  # a chain ends here: the next token would not pay for its scoring

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem, StepOutcome
+from specplug.kernels.softmax_topk import softmax_topk
 from specplug.runner import ModelRunner
 from specplug.sampling import SamplingParams, check_finite, probs_from_logits
 
@@ -74,14 +75,15 @@ class ModelDrafter(Drafter):
         return [_ROOT] * B
 
     def _candidates(self, logits: torch.Tensor, k: int, handle: int) -> Candidates:
-        if self.sampling.greedy:
-            probs = logits.float().softmax(-1)
-            dist = None
-        else:
-            probs = dist = probs_from_logits(logits, self.sampling)
-        top = torch.topk(probs, min(k, probs.shape[-1]))
-        return Candidates(tokens=top.indices.tolist(), probs=top.values.tolist(),
-                          handles=[handle] * len(top.indices), dist=dist, shared_handle=handle)
+        k = min(k, logits.shape[-1])
+        if self.sampling.greedy:  # fused: the [V] distribution is never written
+            probs, tokens = softmax_topk(logits[None], k)
+            probs, tokens, dist = probs[0], tokens[0], None
+        else:  # sampling draws children from the whole distribution
+            dist = probs_from_logits(logits, self.sampling)
+            probs, tokens = torch.topk(dist, k)
+        return Candidates(tokens=tokens.tolist(), probs=probs.tolist(), handles=[handle] * k,
+                          dist=dist, shared_handle=handle)
 
     def expand(self, frontier: list[list[FrontierItem]], k: int) -> list[list[Candidates]]:
         B = len(frontier)
