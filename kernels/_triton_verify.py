@@ -14,8 +14,9 @@ Two stages, no host synchronisation between or inside them:
 The tree walk relies on the node order: children come after their parent and siblings in the
 order they are to be tried, so one forward scan over the nodes visits, at each accepted node,
 its children in order. A program only touches its own row's scratch (the residual) and outputs;
-each residual element is read and written by the lane that owns its offset, with a barrier
-after writes, so there are no races.
+residual block elements are read and written by the lane that owns their offset, and a barrier
+after the writes orders them before later reads by any lane (the scalar ``p(x)`` load), so
+there are no races.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _row_stats_kernel(x_ptr, row_stride, V, inv_t, m_ptr, z_ptr, arg_ptr,
     m_vec = tl.full([BLOCK_V], float("-inf"), tl.float32)
     z_vec = tl.zeros([BLOCK_V], tl.float32)
     best_val = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_idx = tl.full([BLOCK_V], 2147483647, tl.int32)
+    best_idx = offs  # an all -inf row then reports index 0, as torch.argmax does
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
@@ -160,13 +161,13 @@ def _inverse_cdf(logit_row, m, z, inv_t, resid_row, total, fresh, u, V, q_row, x
             mass += tl.sum(tl.maximum(p - _draft_block(q_row, x, idx, V, HAS_Q), 0.0), axis=0)
         use_q = mass > 1e-12  # RESIDUAL_EPS
         mass = tl.where(use_q, mass, 1.0)
-        scale = 1.0
+        scale = tl.full([], 1.0, tl.float32)
     else:
         use_q = False
         scale = tl.where(fresh, z, total)
         mass = scale
-    target = u * mass
-    run = tl.zeros([], tl.float32)
+    target = u * mass.to(tl.float64)  # float64 (u is): see the module docstring
+    run = tl.zeros([], tl.float64)
     chosen = tl.full([], 2147483647, tl.int32)
     last_pos = tl.full([], -1, tl.int32)
     for v0 in range(0, V, BLOCK_V):
@@ -174,11 +175,11 @@ def _inverse_cdf(logit_row, m, z, inv_t, resid_row, total, fresh, u, V, q_row, x
         w = _dist_block(logit_row, m, z, inv_t, resid_row, total, fresh, idx, V) * scale
         if SUBTRACT_Q:
             w = tl.where(use_q, tl.maximum(w - _draft_block(q_row, x, idx, V, HAS_Q), 0.0), w)
-        cs = run + tl.cumsum(w, axis=0)
+        cs = run + tl.cumsum(w.to(tl.float64), axis=0)
         hit = tl.min(tl.where((cs > target) & (idx < V), idx, 2147483647), axis=0)
         chosen = tl.minimum(chosen, hit)
         last_pos = tl.maximum(last_pos, tl.max(tl.where(w > 0, idx, -1), axis=0))
-        run += tl.sum(w, axis=0)
+        run += tl.sum(w.to(tl.float64), axis=0)
     return tl.minimum(chosen, last_pos).to(tl.int64)
 
 
@@ -211,8 +212,8 @@ def _tree_sample_kernel(tok_ptr, par_ptr, num_ptr, logit_ptr, logit_stride, m_pt
                 px = tl.exp(sx - m) / z
             else:
                 px = tl.load(resid_row + x) / total
-            qx = tl.load(q_row + x).to(tl.float32) if HAS_Q else 1.0
-            if tl.load(u_ptr + b * N + i) * qx < px:
+            qx = tl.load(q_row + x).to(tl.float32) if HAS_Q else tl.full([], 1.0, tl.float32)
+            if tl.load(u_ptr + b * N + i) * qx.to(tl.float64) < px.to(tl.float64):
                 best = best * 0 + i
                 depth += 1
                 slot = best + 1
@@ -277,7 +278,8 @@ def verify_tree_triton(tokens: torch.Tensor, parents: torch.Tensor, num_nodes: t
         inv_t = 1.0 / temperature
         m, z, _ = _row_stats(logits, inv_t)
         has_q = draft_probs is not None
-        q = _contiguous_rows(draft_probs) if has_q else logits  # placeholder pointer if none
+        # the kernel indexes q as dense [B * N, V]: any other strides (an expand) must be copied
+        q = draft_probs.contiguous() if has_q else logits  # placeholder pointer if none
         resid = torch.empty(B, V, dtype=torch.float32, device=dev)  # scratch, written first
         _tree_sample_kernel[(B,)](
             tokens, parents, num_nodes, logits, logits.stride(0), m, z, q,
@@ -318,8 +320,8 @@ def _chain_kernel(draft_ptr, cu_ptr, logit_ptr, logit_stride, bonus_ptr_l, bonus
                 m = tl.load(m_ptr + t)
                 z = tl.load(z_ptr + t)
                 px = tl.exp(tl.load(logit_row + x).to(tl.float32) * inv_t - m) / z
-                qx = tl.load(q_ptr + t * V + x).to(tl.float32) if HAS_Q else 1.0
-                ok = tl.load(u_ptr + t) * qx < px
+                qx = tl.load(q_ptr + t * V + x).to(tl.float32) if HAS_Q else tl.full([], 1.0, tl.float32)
+                ok = tl.load(u_ptr + t) * qx.to(tl.float64) < px.to(tl.float64)
                 rec = tl.zeros([], tl.int64)
                 if ok == 0:
                     rec = _inverse_cdf(logit_row, m, z, inv_t, logit_row, 1.0, True,
@@ -363,9 +365,9 @@ def verify_chains_triton(draft_token_ids: torch.Tensor, cu_num_draft_tokens: tor
     m, z, arg = _row_stats(t_logits, inv_t)
     bm, bz, barg = _row_stats(b_logits, inv_t)
     has_q = draft_probs is not None
-    q = _contiguous_rows(draft_probs) if has_q else t_logits
-    u = uniforms.contiguous() if uniforms is not None else m
-    bu = bonus_uniforms.contiguous() if bonus_uniforms is not None else bm
+    q = draft_probs.contiguous() if has_q else t_logits  # indexed as dense [T, V]
+    u = uniforms.contiguous() if uniforms is not None else m.double()
+    bu = bonus_uniforms.contiguous() if bonus_uniforms is not None else bm.double()
     _chain_kernel[(B,)](
         draft_token_ids.contiguous(), cu_num_draft_tokens.contiguous(), t_logits,
         t_logits.stride(0), b_logits, b_logits.stride(0), m, z, arg, bm, bz, barg, q, u, bu,

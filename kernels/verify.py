@@ -94,6 +94,10 @@ def _check_sampling_inputs(temperature: float, uniforms: torch.Tensor | None,
     if tuple(uniforms.shape) != u_shape or tuple(bonus_uniforms.shape) != (b,):
         raise ValueError(f"uniforms must be {list(u_shape)} and bonus_uniforms [{b}], got "
                          f"{list(uniforms.shape)} and {list(bonus_uniforms.shape)}")
+    if uniforms.dtype != torch.float64 or bonus_uniforms.dtype != torch.float64:
+        raise ValueError("uniforms and bonus_uniforms must be float64 (torch.rand(..., "
+                         "dtype=torch.float64)): float32 draws cannot reach tokens with "
+                         "p < 6e-8 and would bias the output")
 
 
 def _check_tree(tokens: torch.Tensor, parents: torch.Tensor, num_nodes: torch.Tensor,
@@ -163,8 +167,11 @@ def verify_tree(tokens: torch.Tensor, parents: torch.Tensor, num_nodes: torch.Te
         temperature: 0 = greedy; otherwise logits are divided by it.
         draft_probs: ``[B, N, V]`` float32, the distribution node i was drawn from (None:
             deterministic drafts, one-hot).
-        uniforms: ``[B, N]`` float32 in [0, 1), one per node (sampling only).
-        bonus_uniforms: ``[B]`` float32 in [0, 1) (sampling only).
+        uniforms: ``[B, N]`` float64 in [0, 1), one per node (sampling only).
+        bonus_uniforms: ``[B]`` float64 in [0, 1) (sampling only). Float64 matters: a float32
+            uniform has 2^-24 resolution, which would give tokens with p < ~6e-8 (most of a
+            262k vocabulary) no chance at all; comparisons and the inverse CDF's running sum
+            are float64 too.
     Returns:
         ``TreeVerifyOutput`` with ``accepted_nodes [B, D]``.
     """
@@ -206,7 +213,8 @@ def verify_chains(draft_token_ids: torch.Tensor, cu_num_draft_tokens: torch.Tens
                   draft_probs, max_spec_len)
     _check_sampling_inputs(temperature, uniforms, bonus_uniforms, tuple(draft_token_ids.shape),
                            cu_num_draft_tokens.shape[0])
-    args = (draft_token_ids, cu_num_draft_tokens, target_logits, bonus_logits)
+    # int64 offsets: vLLM passes int32 cumulative counts, and T * V overflows int32
+    args = (draft_token_ids.long(), cu_num_draft_tokens.long(), target_logits, bonus_logits)
     kwargs = dict(max_spec_len=max_spec_len, temperature=temperature, draft_probs=draft_probs,
                   uniforms=uniforms, bonus_uniforms=bonus_uniforms)
     if pick_backend(draft_token_ids, target_logits, backend=backend) == "triton":
@@ -223,8 +231,8 @@ def verify_chains(draft_token_ids: torch.Tensor, cu_num_draft_tokens: torch.Tens
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``weights [R, V]`` (unnormalised, >= 0), ``u [R]`` -> ``[R]`` int64: the first index
     whose running sum exceeds ``u * total`` (the last positive index if rounding overshoots)."""
-    cs = weights.cumsum(-1)
-    target = (u * cs[:, -1])[:, None]
+    cs = weights.double().cumsum(-1)  # float64: tokens with p ~1e-8 keep their probability
+    target = (u.double() * cs[:, -1])[:, None]
     idx = torch.searchsorted(cs, target.contiguous(), right=True).squeeze(-1)
     V = weights.shape[-1]
     last_pos = torch.where(weights > 0, torch.arange(V, device=weights.device), -1).amax(-1)
@@ -284,7 +292,7 @@ def _sampled_tree(tokens: torch.Tensor, parents: torch.Tensor, num_nodes: torch.
         p = torch.where(fresh[r, None], e[r, sl] / z[r, sl, None], resid[r] / total[r, None])
         px = p.gather(1, x[:, None]).squeeze(1)
         qx = torch.ones_like(px) if draft_probs is None else draft_probs[r, i, x]
-        acc = uniforms[r, i] * qx < px
+        acc = uniforms[r, i].double() * qx.double() < px.double()
         a, j = r[acc], r[~acc]
         best[a], depth[a], slot[a], fresh[a] = i, depth[a] + 1, i + 1, True
         if len(j):
@@ -363,8 +371,8 @@ def verify_chains_reference(draft_token_ids: torch.Tensor, cu_num_draft_tokens: 
             p = t_p[t]
             q = (torch.zeros_like(p).scatter_(1, x[:, None], 1.0) if draft_probs is None
                  else draft_probs[t].float())
-            acc = uniforms[t] * q.gather(1, x[:, None]).squeeze(1) < p.gather(1, x[:, None]) \
-                .squeeze(1)
+            acc = (uniforms[t].double() * q.gather(1, x[:, None]).squeeze(1).double()
+                   < p.gather(1, x[:, None]).squeeze(1).double())
             resid = _residual(p, q)
             keep = resid.sum(-1, keepdim=True) > RESIDUAL_EPS
             rec = _inverse_cdf(torch.where(keep, resid, p), bonus_uniforms[r])

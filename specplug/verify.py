@@ -78,14 +78,19 @@ def _path_result(layout: TreeLayout, best: torch.Tensor, best_depth: torch.Tenso
     return VerifyResult(accepted_nodes=acc, num_accepted=best_depth, bonus_tokens=bonus)
 
 
-def _layout_tensors(tree: DraftTree, layout: TreeLayout) -> dict[str, torch.Tensor]:
-    return dict(ancestors=layout.ancestors, depth=layout.depth,
-                retrieve=layout.retrieve_indices())
+def _on_device(tree: DraftTree, layout: TreeLayout, device: torch.device
+               ) -> dict[str, torch.Tensor]:
+    """The tree and its layout as ``verify_tree`` arguments, on the logits' device (the
+    builder makes trees on the host; on CUDA this is what lets the kernel run)."""
+    t = dict(tokens=tree.tokens, parents=tree.parents, num_nodes=tree.num_nodes,
+             ancestors=layout.ancestors, depth=layout.depth,
+             retrieve=layout.retrieve_indices())
+    return {k: v.to(device, non_blocking=True) for k, v in t.items()}
 
 
 def _result(out: TreeVerifyOutput) -> VerifyResult:
-    return VerifyResult(accepted_nodes=out.accepted_nodes, num_accepted=out.num_accepted,
-                        bonus_tokens=out.bonus_tokens)
+    return VerifyResult(accepted_nodes=out.accepted_nodes.cpu(),
+                        num_accepted=out.num_accepted.cpu(), bonus_tokens=out.bonus_tokens.cpu())
 
 
 def verify_greedy(tree: DraftTree, target_logits: torch.Tensor,
@@ -95,8 +100,8 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor,
     ``specplug.kernels.verify_tree``: the Triton kernel on CUDA, its torch reference on CPU."""
     _check_logits(tree, target_logits)
     layout = layout or TreeLayout.from_tree(tree)
-    return _result(verify_tree(tree.tokens, tree.parents, tree.num_nodes, target_logits,
-                               temperature=0.0, **_layout_tensors(tree, layout)))
+    return _result(verify_tree(target_logits=target_logits, temperature=0.0,
+                               **_on_device(tree, layout, target_logits.device)))
 
 
 def verify_exact(tree: DraftTree, target_logits: torch.Tensor, sampling: SamplingParams,
@@ -114,12 +119,15 @@ def verify_exact(tree: DraftTree, target_logits: torch.Tensor, sampling: Samplin
     if sampling.top_k or sampling.top_p < 1.0:
         target_logits, temperature = warp_logits(target_logits, sampling), 1.0
     dev = target_logits.device
-    uniforms = torch.rand(B, N, generator=generator, device=dev)
-    bonus_uniforms = torch.rand(B, generator=generator, device=dev)
-    return _result(verify_tree(tree.tokens, tree.parents, tree.num_nodes, target_logits,
-                               temperature=temperature, draft_probs=tree.draft_probs,
-                               uniforms=uniforms, bonus_uniforms=bonus_uniforms,
-                               **_layout_tensors(tree, layout)))
+    # float64 draws on the generator's own device (the engine's is a CPU generator)
+    gen_dev = generator.device if generator is not None else dev
+    uniforms = torch.rand(B, N, generator=generator, dtype=torch.float64, device=gen_dev)
+    bonus_uniforms = torch.rand(B, generator=generator, dtype=torch.float64, device=gen_dev)
+    q = None if tree.draft_probs is None else tree.draft_probs.to(dev, non_blocking=True)
+    return _result(verify_tree(target_logits=target_logits, temperature=temperature,
+                               draft_probs=q, uniforms=uniforms.to(dev),
+                               bonus_uniforms=bonus_uniforms.to(dev),
+                               **_on_device(tree, layout, dev)))
 
 
 def verify_typical(tree: DraftTree, target_logits: torch.Tensor, sampling: SamplingParams,

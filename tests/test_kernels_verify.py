@@ -67,7 +67,8 @@ def make_case(seed: int, B: int, N: int, V: int, shape: str, dtype: torch.dtype,
     return dict(tokens=tokens, parents=parents, num_nodes=num, target_logits=logits,
                 ancestors=layout.ancestors, depth=layout.depth,
                 retrieve=layout.retrieve_indices(), temperature=temperature, draft_probs=q,
-                uniforms=torch.rand(B, N, generator=g), bonus_uniforms=torch.rand(B, generator=g))
+                uniforms=torch.rand(B, N, generator=g, dtype=torch.float64),
+                bonus_uniforms=torch.rand(B, generator=g, dtype=torch.float64))
 
 
 def as_tuple(out) -> tuple:
@@ -186,7 +187,8 @@ def test_sampled_chain_has_the_target_distribution():
     out = verify_chains_reference(
         draft, torch.arange(1, R + 1), target.expand(R, V), torch.randn(R, V, generator=g),
         max_spec_len=1, temperature=1.0, draft_probs=q.expand(R, V),
-        uniforms=torch.rand(R, generator=g), bonus_uniforms=torch.rand(R, generator=g))
+        uniforms=torch.rand(R, generator=g, dtype=torch.float64),
+        bonus_uniforms=torch.rand(R, generator=g, dtype=torch.float64))
     counts = torch.bincount(out.output_token_ids[:, 0], minlength=V).double()
     expected = p.double() * R
     chi2 = float(((counts - expected) ** 2 / expected).sum())
@@ -214,3 +216,27 @@ def test_errors_name_the_problem():
             verify_chains(**chains, backend="triton")
         finally:
             os.environ["TRITON_INTERPRET"] = old
+
+
+def test_strided_draft_probs_and_int32_offsets():
+    """Review regressions: an expanded (stride-0) ``draft_probs`` must be read as the values
+    it shows, and vLLM's int32 ``cu_num_draft_tokens`` must work (offsets are int64)."""
+    case = make_case(11, 1, 4, 300, "chain", torch.float32, 1.0, True)
+    chains = chains_from_tree_case(case)
+    q_row = chains["draft_probs"][:1]
+    chains["draft_probs"] = q_row.expand(4, 300)
+    chains["draft_token_ids"] = torch.multinomial(q_row[0], 4, replacement=True,
+                                                  generator=torch.Generator().manual_seed(1))
+    chains["cu_num_draft_tokens"] = chains["cu_num_draft_tokens"].int()
+    ref = verify_chains(**chains, backend="torch")
+    tri = verify_chains(**chains, backend="triton")
+    assert as_tuple(tri) == as_tuple(ref)
+    case["draft_probs"] = q_row[None].expand(1, 4, 300)
+    assert as_tuple(verify_tree(**case, backend="triton")) == \
+        as_tuple(verify_tree(**case, backend="torch"))
+
+
+def test_float32_uniforms_are_refused():
+    case = make_case(0, 1, 2, 50, "chain", torch.float32, 1.0, False)
+    with pytest.raises(ValueError, match="float64"):
+        verify_tree(**{**case, "uniforms": case["uniforms"].float()})
