@@ -14,7 +14,7 @@ import torch
 
 from ._dispatch import pick_backend
 
-__all__ = ["TreePrep", "prepare_tree", "prepare_tree_reference"]
+__all__ = ["TreePrep", "check_topological", "prepare_tree", "prepare_tree_reference"]
 
 
 @dataclass
@@ -120,11 +120,17 @@ def _check_args(parents: torch.Tensor, num_nodes: torch.Tensor,
     if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int)
                                   or max_depth < 0):
         raise ValueError(f"max_depth must be None or an int >= 0, got {max_depth!r}")
-    if parents.device.type != "cpu":
-        return
+    if parents.device.type == "cpu":
+        check_topological(parents, num_nodes)
+
+
+def check_topological(parents: torch.Tensor, num_nodes: torch.Tensor) -> None:
+    """Raise unless ``num_nodes [B]`` lies in [0, N] and every real node's parent in
+    ``parents [B, N]`` is in [-1, i) (reads the values: a host sync on a GPU)."""
+    N = parents.shape[1]
     if ((num_nodes < 0) | (num_nodes > N)).any():
         raise ValueError(f"num_nodes must lie in [0, N] = [0, {N}], got {num_nodes.tolist()}")
-    idx = torch.arange(N)
+    idx = torch.arange(N, device=parents.device)
     bad = (idx < num_nodes[:, None]) & ((parents >= idx) | (parents < -1))
     if bad.any():
         b, i = (int(x) for x in bad.nonzero()[0])

@@ -239,6 +239,16 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(idx, last_pos)
 
 
+def accepted_path(retrieve: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """``retrieve [B, N, D]`` and the chosen node per row ``best [B]`` (-1 = none) -> the
+    accepted path ``[B, D]``, root's child first, -1 padded."""
+    B, N, D = retrieve.shape
+    if N == 0:
+        return torch.full((B, D), -1, dtype=torch.long, device=retrieve.device)
+    acc = retrieve[torch.arange(B, device=retrieve.device), best.clamp(min=0)]
+    return torch.where(best[:, None] >= 0, acc, -1)
+
+
 def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``max(p - q, 0)`` for ``p, q [R, V]``: what is left of p after rejecting a draft drawn
     from q (unnormalised)."""
@@ -324,13 +334,8 @@ def verify_tree_reference(tokens: torch.Tensor, parents: torch.Tensor, num_nodes
         assert uniforms is not None and bonus_uniforms is not None
         best, n_acc, bonus = _sampled_tree(tokens, parents, num_nodes, target_logits,
                                            temperature, draft_probs, uniforms, bonus_uniforms)
-    B, N, D = retrieve.shape
-    if N == 0:
-        acc = torch.full((B, D), -1, dtype=torch.long, device=tokens.device)
-    else:
-        acc = retrieve[torch.arange(B, device=tokens.device), best.clamp(min=0)]
-        acc = torch.where(best[:, None] >= 0, acc, -1)
-    return TreeVerifyOutput(accepted_nodes=acc, num_accepted=n_acc, bonus_tokens=bonus)
+    return TreeVerifyOutput(accepted_nodes=accepted_path(retrieve, best), num_accepted=n_acc,
+                            bonus_tokens=bonus)
 
 
 def verify_chains_reference(draft_token_ids: torch.Tensor, cu_num_draft_tokens: torch.Tensor,
@@ -342,7 +347,7 @@ def verify_chains_reference(draft_token_ids: torch.Tensor, cu_num_draft_tokens: 
     """Plain-torch ``verify_chains`` (same contract): the chains are checked position by
     position in one vector op per position across rows."""
     dev = draft_token_ids.device
-    B, T = cu_num_draft_tokens.shape[0], draft_token_ids.shape[0]
+    B = cu_num_draft_tokens.shape[0]
     starts = torch.cat([cu_num_draft_tokens.new_zeros(1), cu_num_draft_tokens[:-1]])
     counts = cu_num_draft_tokens - starts
     out = torch.full((B, max_spec_len + 1), -1, dtype=torch.long, device=dev)
@@ -351,7 +356,7 @@ def verify_chains_reference(draft_token_ids: torch.Tensor, cu_num_draft_tokens: 
     rows = torch.arange(B, device=dev)
     greedy = temperature == 0.0
     if greedy:
-        t_arg = target_logits.argmax(-1) if T else draft_token_ids
+        t_arg = target_logits.argmax(-1)
     else:
         t_s = target_logits.float() / temperature
         t_e = torch.where(t_s == float("-inf"), 0.0, (t_s - t_s.amax(-1, keepdim=True)).exp())

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem
-from specplug.kernels.tree_prep import prepare_tree
+from specplug.kernels.tree_prep import check_topological, prepare_tree
 
 __all__ = [
     "ChainBuilder",
@@ -59,11 +59,7 @@ class DraftTree:
         if self.tokens.shape != self.parents.shape or self.tokens.dim() != 2:
             raise ValueError(f"tokens {tuple(self.tokens.shape)} and parents "
                              f"{tuple(self.parents.shape)} must both be [B, N]")
-        idx = torch.arange(self.width)
-        real = idx[None, :] < self.num_nodes[:, None]
-        bad = real & ((self.parents >= idx[None, :]) | (self.parents < -1))
-        if bad.any():
-            raise ValueError("tree nodes must be in topological order: parents[i] in [-1, i)")
+        check_topological(self.parents, self.num_nodes)
 
 
 @dataclass

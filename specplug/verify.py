@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specplug.kernels.verify import TreeVerifyOutput, verify_tree
+from specplug.kernels.verify import TreeVerifyOutput, accepted_path, verify_tree
 from specplug.sampling import SamplingParams, check_finite, probs_from_logits, warp_logits
 from specplug.tree import DraftTree, TreeLayout
 
@@ -68,14 +68,8 @@ def _check_logits(tree: DraftTree, logits: torch.Tensor) -> None:
 def _path_result(layout: TreeLayout, best: torch.Tensor, best_depth: torch.Tensor,
                  bonus: torch.Tensor) -> VerifyResult:
     """Turn a chosen node per row (-1 = none) into the accepted path."""
-    paths = layout.retrieve_indices()  # [B, N, D]
-    B, N, D = paths.shape
-    if N == 0:
-        acc = torch.full((B, D), -1, dtype=torch.long)
-    else:
-        acc = paths[torch.arange(B), best.clamp(min=0)]
-        acc = torch.where(best[:, None] >= 0, acc, -1)
-    return VerifyResult(accepted_nodes=acc, num_accepted=best_depth, bonus_tokens=bonus)
+    return VerifyResult(accepted_nodes=accepted_path(layout.retrieve_indices(), best),
+                        num_accepted=best_depth, bonus_tokens=bonus)
 
 
 def _on_device(tree: DraftTree, layout: TreeLayout, device: torch.device
