@@ -14,6 +14,7 @@ pass over ``V`` counted, temporaries included), and the Triton kernel on a GPU.
 from __future__ import annotations
 
 import argparse
+import statistics
 import timeit
 
 import torch
@@ -44,10 +45,15 @@ def kernel_bytes(M: int, V: int, s: int, k: int, n_chunks: int = 64) -> int:
     return M * (V * s + 2 * n_chunks * (8 * kp + 8) + 12 * k)
 
 
-def best_of(fn, number: int, repeat: int) -> float:
-    """Seconds per call: the best of ``repeat`` runs of ``number`` calls."""
-    fn()
-    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number
+def interleaved_medians(a, b, number: int, repeat: int) -> tuple[float, float]:
+    """Seconds per call of ``a`` and ``b``: ``repeat`` runs of ``number`` calls each,
+    alternating a, b, a, b (A/B interleaved, so drift hits both), median of each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeat):
+        ta.append(timeit.timeit(a, number=number) / number)
+        tb.append(timeit.timeit(b, number=number) / number)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> None:
@@ -55,21 +61,21 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="children per node (default 4)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--number", type=int, default=20, help="calls per timing run")
-    ap.add_argument("--repeat", type=int, default=7, help="timing runs; the best is kept")
+    ap.add_argument("--repeat", type=int, default=7, help="interleaved timing runs; medians reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     k, dtype = args.k, torch.bfloat16
     s = torch.finfo(dtype).bits // 8
     print(f"draft top-k, k={k}, {dtype} logits, CPU, {args.threads} threads "
-          f"(best of {args.repeat} x {args.number} calls)")
+          f"(A/B interleaved, median of {args.repeat} x {args.number} calls)")
     print(f"{'M':>2} {'V':>7} | {'unfused us':>10} {'ref us':>8} {'speedup':>7} | "
           f"{'unfused MB':>10} {'ref MB':>7} {'kernel MB':>9}")
     for V in (49152, 262144):
         for M in (1, 8):
             x = (torch.randn(M, V) * 3).to(dtype)
-            unfused = best_of(lambda x=x: torch.topk(x.float().softmax(-1), k),
-                              args.number, args.repeat)
-            fused = best_of(lambda x=x: softmax_topk_reference(x, k), args.number, args.repeat)
+            unfused, fused = interleaved_medians(
+                lambda x=x: torch.topk(x.float().softmax(-1), k),
+                lambda x=x: softmax_topk_reference(x, k), args.number, args.repeat)
             print(f"{M:>2} {V:>7} | {unfused * 1e6:>10.0f} {fused * 1e6:>8.0f} "
                   f"{unfused / fused:>6.2f}x | {unfused_bytes(M, V, s, k) / 1e6:>10.2f} "
                   f"{reference_bytes(M, V, s, k) / 1e6:>7.2f} "
