@@ -14,6 +14,11 @@ this request's counts shrunk toward the lifetime estimate) and drafts the length
 target time under the engine's measured cost curve (``specplug.cost``). On a CPU where scoring
 more tokens is expensive, weak matches get short drafts or none; where scoring is nearly free
 (a GPU), the same rule drafts up to ``num_speculative_tokens``.
+
+With ``suffix_cache_tokens > 0`` the drafter also remembers earlier requests
+(``specplug.drafters.suffix_cache``): when a row's own text has no match, or only a shorter
+n-gram than the cache has, the cache's continuations are drafted instead, and their acceptance is
+learnt as separate kinds of match. A row's text enters the cache when the next generation starts.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from specplug.drafters.base import (
     FrontierItem,
     StepOutcome,
 )
+from specplug.drafters.suffix_cache import MAX_CONTEXT, SuffixCache
 from specplug.hookspecs import hookimpl
 
 
@@ -40,6 +46,7 @@ class NgramOptions(DrafterOptions):
     prompt_lookup_max: int = Field(4, ge=1, le=16)
     max_matches: int = Field(8, ge=1, le=256)
     adaptive: bool = True
+    suffix_cache_tokens: int = Field(0, ge=0, le=10_000_000)  # across requests; 0 = off
 
     @model_validator(mode="after")
     def _order(self) -> NgramOptions:
@@ -109,11 +116,9 @@ class _RowIndex:
         return 0, []
 
 
-MAX_CONTEXT = 32  # how far back an occurrence's matching context is measured
-
-
 def context_length(tokens: list[int], start: int, cap: int = MAX_CONTEXT) -> int:
-    """How many tokens before ``start`` equal the last tokens of ``tokens`` (at most ``cap``)."""
+    """How many tokens before ``start`` equal the last tokens of ``tokens`` (at most ``cap``;
+    ``MAX_CONTEXT``: how far back an occurrence's matching context is measured)."""
     n, end = 0, len(tokens)
     while n < cap and n < start and tokens[start - 1 - n] == tokens[end - 1 - n]:
         n += 1
@@ -125,9 +130,12 @@ def _context_bucket(n: int) -> int:
     return n if n <= 4 else 5 if n < 8 else 6 if n < 16 else 7
 
 
+CACHE_KIND = 4  # added to a cache match's agreement class: its acceptance is learnt apart
+
+
 class _Acceptance:
     """Acceptance of past drafts, by match kind: ``(context-length class, agreeing
-    occurrences)``.
+    occurrences)``, the latter plus ``CACHE_KIND`` for matches from the suffix cache.
 
     The rate for a kind is this request's counts shrunk toward the drafter's lifetime estimate
     (itself under a Beta(1, 1) prior). When a kind is matched but not drafted, its request
@@ -172,12 +180,25 @@ class NgramDrafter(Drafter):
         self.rows: list[_RowIndex] = []
         self.acceptance = _Acceptance()
         self.drafted: list[tuple[tuple[int, int], int]] = []  # per row: (match kind, depth)
+        o = self.options
+        self.cache = (SuffixCache(o.suffix_cache_tokens, o.prompt_lookup_min, o.prompt_lookup_max)
+                      if o.suffix_cache_tokens else None)
+        self.history: list[list[int]] = []  # per row: its latest tokens (cached at next start)
 
     @classmethod
     def from_config(cls, config: Any, target: Any = None) -> NgramDrafter:
         return cls(config.drafter_options, max_depth=config.max_depth)
 
     def start(self, prompts: list[list[int]]) -> None:
+        if self.cache is not None:
+            for seq in self.history:
+                # a row that a new prompt extends is the same request going on (an engine
+                # restarting its batch): it is cached once it has ended, never while it runs
+                n = len(seq)
+                if n and not any(len(p) >= n and p[n - 1] == seq[-1] and p[:n] == seq
+                                 for p in prompts):
+                    self.cache.add(seq)
+            self.history = list(prompts)
         o = self.options
         self.rows = [_RowIndex(o.prompt_lookup_min, o.prompt_lookup_max) for _ in prompts]
         self.acceptance.request = {}
@@ -191,28 +212,41 @@ class NgramDrafter(Drafter):
             trie, kind, depth = _Trie(), (0, 0), 0
             if active:
                 row.extend(toks)
-                _, starts = row.lookup(toks, self.options.max_matches)
                 limit = self.max_depth
-                if starts:
+                matches, offset = self._matches(row, toks)
+                if matches:
                     # best occurrence first: longest matching context, then most recent
-                    ranked = sorted(((context_length(toks, s), -r, s)
-                                     for r, s in enumerate(starts)), reverse=True)
-                    first = toks[ranked[0][2]]
-                    agree = sum(1 for _, _, s in ranked if toks[s] == first)
-                    kind = (_context_bucket(ranked[0][0]), min(agree, 3))
+                    ranked = sorted(((context, -r, cont)
+                                     for r, (context, cont) in enumerate(matches)), reverse=True)
+                    first = ranked[0][2][0]
+                    agree = sum(1 for _, _, cont in ranked if cont[0] == first)
+                    kind = (_context_bucket(ranked[0][0]), min(agree, 3) + offset)
                     if self.options.adaptive:
                         limit = best_depth(self.acceptance.rate(kind), limit, ctx.cost)
                         if limit == 0:
                             self.acceptance.idle(kind)
-                    for rank, (context, _, s) in enumerate(ranked):
-                        cont = toks[s:s + limit]
+                    for rank, (context, _, cont) in enumerate(ranked):
+                        cont = cont[:limit]
                         depth = max(depth, len(cont))
                         trie.insert(cont, context, rank)
             roots.append(trie)
             self.drafted.append((kind, depth))
         return roots
 
+    def _matches(self, row: _RowIndex, toks: list[int]) -> tuple[list[tuple[int, list[int]]], int]:
+        """``([(context length, continuation), ...] most recent first, kind offset)`` from the
+        row's own text, or from the suffix cache when it has a longer n-gram."""
+        depth, mm = self.max_depth, self.options.max_matches
+        n, starts = row.lookup(toks, mm)
+        if self.cache is not None and n < self.options.prompt_lookup_max:
+            n_cache, cached = self.cache.lookup(toks, mm, depth, longer_than=n)
+            if n_cache:
+                return cached, CACHE_KIND
+        return [(context_length(toks, s), toks[s:s + depth]) for s in starts], 0
+
     def observe(self, outcome: StepOutcome) -> None:
+        if self.cache is not None:
+            self.history = list(outcome.tokens)
         for (kind, depth), accepted in zip(self.drafted, outcome.accepted):
             if depth:
                 self.acceptance.update(kind, len(accepted), depth)
