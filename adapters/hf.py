@@ -27,6 +27,7 @@ from packaging.version import Version
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
+from specplug.adapt.base import VerifyRecord, teacher_topk
 from specplug.config import SpecConfig
 from specplug.drafters.base import DraftContext, StepOutcome
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
@@ -146,6 +147,12 @@ class Assistant:
         self.device = target.device
         self.generation_config = copy.deepcopy(target.generation_config)
         self.speculator = Speculator.from_config(config, target)
+        if any(getattr(o, "restores_at_finish", False) for o in self.speculator.observers):
+            raise ValueError(
+                "adapt.test_time train='all' with scope='request' restores the drafter's "
+                "weights when a generation ends, and transformers' assisted loop does not say "
+                "when that is; use train='adapter' (the default) or scope='shared', or "
+                "specplug.hf.generate(...)")
         if self.speculator.drafter.hidden_layers:
             raise NotImplementedError(
                 f"drafter {config.method!r} needs the target's hidden states; use "
@@ -173,6 +180,7 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
         self.sampling = sampling
         self.max_length = max_length
         self.started = False
+        self.steps = 0
         self.generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any
@@ -181,7 +189,10 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
         drafter = self.speculator.drafter
         if not self.started:
             drafter.start([tokens])
+            for observer in self.speculator.observers:
+                observer.start([tokens])
             self.started = True
+            self.steps = 0
         budget = min(self.builder.max_depth, self.max_length - len(tokens) - 1)
         if budget < 1:
             return input_ids, None
@@ -204,6 +215,18 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
         new = tokens[len(tokens) - n - 1:]
         self.speculator.drafter.observe(
             StepOutcome(accepted=[new[:-1]], bonus=[new[-1]], tokens=[tokens]))
+        if self.speculator.observers:  # scores[0, i]: the target at the root, then accepted
+            scored = torch.tensor(tokens[len(tokens) - n - 2:len(tokens) - 1])
+            # transformers' processed scores: undo the temperature (top-k / top-p masks stay)
+            t = self.sampling.temperature
+            logits = scores.float() * (t if t > 0 else 1.0)
+            ids, probs = teacher_topk(logits, [torch.arange(n + 1)],
+                                      max(self.speculator.teacher_k, 1))
+            record = VerifyRecord(step=self.steps, tokens=[scored], top_ids=ids,
+                                  top_probs=probs, features=None, active=[True])
+            for observer in self.speculator.observers:
+                observer.observe(record)
+        self.steps += 1
 
 
 _original_get_candidate_generator: Callable[..., Any] | None = None

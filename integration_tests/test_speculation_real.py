@@ -49,7 +49,8 @@ def batch(tokenizer, texts):
 DRAFTERS = {
     "ngram": {},
     "layer_skip": {"layers": 12},
-    "draft_model": {"model": "smollm2-135m"},  # itself: the plumbing on a real model
+    # itself, always the full chain: the plumbing on a real model
+    "draft_model": {"model": "smollm2-135m", "adaptive": False},
 }
 
 

@@ -35,6 +35,8 @@ class SpecConfig(BaseModel):
         acceptance_method: ``rejection_sampler`` (lossless; greedy at temperature 0) or
             ``typical_acceptance_sampler`` (Medusa's typical acceptance: LOSSY, opt-in).
         posterior_threshold, posterior_alpha: typical acceptance parameters.
+        adapt: observers that adapt speculation while it serves, by name with their options,
+            e.g. ``{"test_time": {"interval": 4}}`` (``specplug.adapt``; ``{}``: defaults).
         Any other key: an option of the chosen drafter (see ``docs/configuration.md``).
     """
 
@@ -49,8 +51,10 @@ class SpecConfig(BaseModel):
     acceptance_method: str = "rejection_sampler"
     posterior_threshold: float = Field(0.09, gt=0.0, le=1.0)
     posterior_alpha: float = Field(0.3, gt=0.0, le=1.0)
+    adapt: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
     _options: DrafterOptions | None = PrivateAttr(default=None)
+    _adapt_options: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> SpecConfig:
@@ -78,16 +82,28 @@ class SpecConfig(BaseModel):
         try:
             self._options = drafter_cls.Options(**extras)
         except ValidationError as err:
-            allowed = ", ".join(drafter_cls.Options.model_fields) or "(none)"
-            problems = "; ".join(
-                (f"{'.'.join(str(x) for x in e['loc'])}: " if e["loc"] else "")
-                + e["msg"].removeprefix("Value error, ") for e in err.errors()
-            )
             raise ValueError(
-                f"invalid option for drafter {self.method!r}: {problems}. "
-                f"Options of {self.method!r}: {allowed}"
+                f"invalid option for drafter {self.method!r}: {_problems(err)}. "
+                f"Options of {self.method!r}: {_allowed(drafter_cls.Options)}"
             ) from None
+        self._adapt_options = {}
+        for name, given in self.adapt.items():
+            observer_cls = registry.observer(name)
+            try:
+                opts = observer_cls.Options(**(given or {}))
+            except ValidationError as err:
+                raise ValueError(
+                    f"invalid option for adapt.{name}: {_problems(err)}. "
+                    f"Options of {name!r}: {_allowed(observer_cls.Options)}"
+                ) from None
+            observer_cls.check(opts, drafter_cls)
+            self._adapt_options[name] = opts
         return self
+
+    @property
+    def adapt_options(self) -> dict[str, Any]:
+        """Validated options of each observer in ``adapt``, by name."""
+        return dict(self._adapt_options)
 
     @property
     def drafter_options(self) -> DrafterOptions:
@@ -101,6 +117,7 @@ class SpecConfig(BaseModel):
         for key, value in self.drafter_options.model_dump().items():
             json_ok = isinstance(value, (str, int, float, bool, list, dict, type(None)))
             out[key] = value if json_ok else type(value).__name__
+        out["adapt"] = {name: opts.model_dump() for name, opts in self._adapt_options.items()}
         return out
 
     @property
@@ -120,6 +137,15 @@ class SpecConfig(BaseModel):
         if tree:
             kw.update(parse_tree_spec(tree))
         return cls(**kw)
+
+
+def _problems(err: ValidationError) -> str:
+    return "; ".join((f"{'.'.join(str(x) for x in e['loc'])}: " if e["loc"] else "")
+                     + e["msg"].removeprefix("Value error, ") for e in err.errors())
+
+
+def _allowed(options: type[BaseModel]) -> str:
+    return ", ".join(options.model_fields) or "(none)"
 
 
 def parse_tree_spec(spec: str) -> dict[str, Any]:

@@ -1,43 +1,45 @@
-"""How much a target forward costs as a function of the number of tokens it scores.
+"""How much a speculative step costs as a function of how much is drafted and scored.
 
-Learned online from the engine's own steps (wall time of each ``TargetRunner.score`` call), so
-the same code finds a steep curve on a small CPU (scoring 5 tokens costs ~1.9x scoring one for
-SmolLM2 on 2 cores) and a flat one on a GPU. Drafters read it through ``DraftContext.cost`` to
-choose how much to draft.
+Two measured curves, both as moving averages per size:
+
+- the target's forward time by number of tokens scored (``observe``), from a one-off
+  calibration per model and device (``specplug.budget.calibrate``, cached on disk) and then from
+  every ``TargetRunner.score`` call of the engine;
+- the drafter's time by draft depth (``observe_draft``).
+
+The same code finds a steep curve on a small CPU (scoring 5 tokens costs ~1.9x scoring one for
+SmolLM2 on 2 cores) and a flat one on a GPU. Budget rules (``specplug.budget``) read it through
+``DraftContext.cost`` as ``step_cost(d)``: the cost of a step that drafts ``d`` tokens, in units
+of a plain one-token target forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["CostModel", "best_depth"]
+__all__ = ["Curve", "CostModel", "best_depth"]
 
 
 @dataclass
-class CostModel:
-    """Per scored-token-count moving averages of forward time, and a line fitted through them.
+class Curve:
+    """Seconds by size: per-size moving averages, read by interpolation between measured
+    sizes and by a weighted least-squares line outside them."""
 
-    Args:
-        prior_slope: relative cost of one extra scored token (``cost(n) / cost(1) =
-            1 + prior_slope * (n - 1)``) used until two different counts have been timed.
-        decay: weight of the newest observation in each moving average.
-    """
-
-    prior_slope: float = 0.15
     decay: float = 0.2
     times: dict[int, float] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
-        old = self.times.get(n_tokens)
-        self.times[n_tokens] = seconds if old is None else old + self.decay * (seconds - old)
-        self.counts[n_tokens] = self.counts.get(n_tokens, 0) + 1
+    def observe(self, n: int, seconds: float) -> None:
+        old = self.times.get(n)
+        self.times[n] = seconds if old is None else old + self.decay * (seconds - old)
+        self.counts[n] = self.counts.get(n, 0) + 1
 
-    def slope(self) -> float:
-        """Fitted relative cost of one extra scored token (>= 0)."""
+    def line(self) -> tuple[float, float] | None:
+        """``(intercept, slope)`` of the fitted line; None before two sizes are measured."""
         ns = sorted(self.times)
         if len(ns) < 2:
-            return self.prior_slope
+            return None
         w = [min(self.counts[n], 20) for n in ns]
         t = [self.times[n] for n in ns]
         sw = sum(w)
@@ -45,26 +47,118 @@ class CostModel:
         mt = sum(wi * ti for wi, ti in zip(w, t)) / sw
         var = sum(wi * (n - mn) ** 2 for wi, n in zip(w, ns))
         b = sum(wi * (n - mn) * (ti - mt) for wi, n, ti in zip(w, ns, t)) / var
-        a = mt - b * mn
+        return mt - b * mn, b
+
+    def at(self, n: float) -> float | None:
+        """Estimated seconds at size ``n`` (None before anything is measured)."""
+        if not self.times:
+            return None
+        ns = sorted(self.times)
+        if n in self.times:
+            return self.times[int(n)]
+        fit = self.line()
+        slope = max(fit[1], 0.0) if fit else 0.0
+        if n < ns[0]:
+            return max(self.times[ns[0]] - slope * (ns[0] - n), 0.0)
+        if n > ns[-1]:
+            return self.times[ns[-1]] + slope * (n - ns[-1])
+        hi = next(m for m in ns if m > n)
+        lo = max(m for m in ns if m < n)
+        f = (n - lo) / (hi - lo)
+        return self.times[lo] + f * (self.times[hi] - self.times[lo])
+
+
+@dataclass
+class CostModel:
+    """The target's forward time by scored tokens and the drafter's time by depth.
+
+    Args:
+        prior_slope: relative cost of one extra scored token (``cost(n) / cost(1) = 1 +
+            prior_slope * (n - 1)``) used until two different counts have been timed.
+        decay: weight of the newest observation in each moving average.
+    """
+
+    prior_slope: float = 0.15
+    decay: float = 0.2
+    target: Curve = field(default_factory=Curve)
+    draft: Curve = field(default_factory=Curve)
+    calibrated: bool = False  # the target curve was measured over a range of sizes
+
+    def __post_init__(self) -> None:
+        self.target.decay = self.draft.decay = self.decay
+
+    # --- observations ---------------------------------------------------------------------
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        """A target forward that scored ``n_tokens`` took ``seconds``."""
+        self.target.observe(n_tokens, seconds)
+
+    def observe_draft(self, depth: int, seconds: float) -> None:
+        """Drafting a tree of depth ``depth`` (0: nothing drafted) took ``seconds``."""
+        self.draft.observe(depth, seconds)
+
+    @property
+    def times(self) -> dict[int, float]:
+        return self.target.times
+
+    @property
+    def counts(self) -> dict[int, int]:
+        return self.target.counts
+
+    # --- reading ---------------------------------------------------------------------------
+    def slope(self) -> float:
+        """Fitted relative cost of one extra scored token (>= 0)."""
+        fit = self.target.line()
+        if fit is None:
+            return self.prior_slope
+        a, b = fit
         one = a + b
         return max(b, 0.0) / one if one > 0 else self.prior_slope
 
     def relative(self, n_tokens: int) -> float:
-        """``cost(n) / cost(1)``."""
-        return 1.0 + self.slope() * (n_tokens - 1)
+        """``cost(n) / cost(1)`` of the target forward."""
+        one = self.target.at(1)
+        if one is None or one <= 0 or self.target.line() is None:
+            return 1.0 + self.slope() * (n_tokens - 1)
+        return max(self.target.at(n_tokens) or 0.0, one) / one
+
+    def draft_per_token(self) -> float:
+        """Drafting cost of one more draft token, relative to a one-token target forward
+        (0 until the drafter has been timed at two depths)."""
+        one, fit = self.target.at(1), self.draft.line()
+        if not one or fit is None:
+            return 0.0
+        return max(fit[1], 0.0) / one
+
+    def step_cost(self, depth: int) -> float:
+        """Cost of a step that drafts ``depth`` tokens (a chain, or a tree of ``depth``
+        nodes) and scores them with its root, relative to a plain one-token forward."""
+        return self.relative(1 + depth) + self.draft_per_token() * depth
+
+    # --- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": {str(n): t for n, t in sorted(self.target.times.items())},
+                "counts": {str(n): c for n, c in sorted(self.target.counts.items())}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CostModel:
+        model = cls(calibrated=True)
+        for n, t in data["target"].items():
+            model.target.times[int(n)] = float(t)
+            model.target.counts[int(n)] = int(data.get("counts", {}).get(n, 1))
+        return model
 
 
 def best_depth(accept_rate: float, max_depth: int, cost: CostModel | None,
                prior_slope: float = 0.15) -> int:
-    """Draft length maximising expected emitted tokens per unit of target time, when each
+    """Draft length maximising expected emitted tokens per unit of step time, when each
     draft token is accepted with probability ``accept_rate`` given the previous ones were:
-    ``argmax_d (1 + a + ... + a^d) / (cost(1 + d) / cost(1))``; 0 means "do not draft"."""
-    slope = cost.slope() if cost is not None else prior_slope
+    ``argmax_d (1 + a + ... + a^d) / step_cost(d)``; 0 means "do not draft"."""
     best, best_value, expected, term = 0, 1.0, 1.0, 1.0
     for d in range(1, max_depth + 1):
         term *= accept_rate
         expected += term
-        value = expected / (1.0 + slope * d)
+        step = cost.step_cost(d) if cost is not None else 1.0 + prior_slope * d
+        value = expected / step
         if value > best_value:
             best, best_value = d, value
     return best

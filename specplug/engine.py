@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
+from specplug.adapt.base import Observer, VerifyRecord, teacher_topk
+from specplug.budget import cached_calibration, calibrate
 from specplug.config import SpecConfig
 from specplug.cost import CostModel
 from specplug.drafters.base import DraftContext, Drafter, StepOutcome
@@ -22,6 +24,8 @@ from specplug.runner import ModelRunner, RunnerOutput
 from specplug.sampling import SamplingParams, sample_tokens
 from specplug.tree import DraftTree, TreeBuilder, TreeLayout
 from specplug.verify import VerifyResult
+
+CALIBRATION_CONTEXT = 128  # tokens of context the cost curve is measured at
 
 __all__ = [
     "GenerationOutput",
@@ -83,6 +87,56 @@ class ModelTargetRunner:
         keep = torch.cat([torch.zeros(B, 1, dtype=torch.long), result.accepted_nodes + 1], 1)
         self.runner.commit(keep, result.num_accepted + 1)
 
+    def synchronize(self) -> None:
+        """Wait for the device (CUDA forwards return before they finish)."""
+        _sync(self.runner.device)
+
+    def calibrate_cost(self, prompt: list[int], repeats: int = 3, use_cache: bool = True
+                       ) -> CostModel:
+        """The target's forward time by scored tokens on this machine, measured once per model,
+        device, dtype and thread count (``specplug.budget.cached_calibration``) on a chain
+        after ``CALIBRATION_CONTEXT`` tokens of ``prompt`` (repeated as needed); the median
+        of ``repeats`` interleaved rounds per width."""
+        model = self.runner.model
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config
+        param = next(model.parameters())
+        key = {"model": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
+               "class": type(model).__name__,
+               "config": cfg.to_json_string() if hasattr(cfg, "to_json_string") else repr(cfg),
+               "device": str(param.device), "dtype": str(param.dtype),
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+        def measure() -> CostModel:
+            reps = -(-CALIBRATION_CONTEXT // len(prompt))
+            ids = torch.tensor((prompt * reps)[:CALIBRATION_CONTEXT])[None]
+            self.prefill(ids, torch.ones_like(ids))
+            root = torch.tensor([int(ids[0, -1])])
+
+            def score(n: int) -> float:
+                tree = DraftTree(tokens=root.repeat(n - 1)[None],
+                                 parents=(torch.arange(n - 1) - 1)[None],
+                                 num_nodes=torch.tensor([n - 1]))
+                layout = TreeLayout.from_tree(tree)
+                _sync(param.device)
+                t0 = time.perf_counter()
+                self.score(root, tree, layout)
+                _sync(param.device)
+                seconds = time.perf_counter() - t0
+                self.commit(VerifyResult(accepted_nodes=torch.zeros(1, 0, dtype=torch.long),
+                                         num_accepted=torch.zeros(1, dtype=torch.long),
+                                         bonus_tokens=root))
+                return seconds
+
+            return calibrate(score, repeats=repeats)
+
+        return cached_calibration(key, measure, use_cache=use_cache)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 @dataclass
 class StepStats:
@@ -141,6 +195,7 @@ class Speculator:
     builder: TreeBuilder
     verifier: Callable[..., VerifyResult]
     cost: CostModel = field(default_factory=CostModel)  # learned across this one's calls
+    observers: list[Observer] = field(default_factory=list)  # from ``config.adapt``
 
     @classmethod
     def from_config(cls, config: SpecConfig, target: Any = None) -> Speculator:
@@ -148,7 +203,19 @@ class Speculator:
         drafter = reg.drafter(config.method).from_config(config, target)
         builder = reg.tree_builders[config.tree](config)
         verifier = reg.verifiers[config.acceptance_method]
-        return cls(config, drafter, builder, verifier)
+        observers = [reg.observer(name)(opts, drafter)
+                     for name, opts in config.adapt_options.items()]
+        return cls(config, drafter, builder, verifier, observers=observers)
+
+    @property
+    def adaptive(self) -> bool:
+        """Does the drafter size its drafts by the cost curve (its ``adaptive`` option)?"""
+        return bool(getattr(self.drafter.options, "adaptive", False))
+
+    @property
+    def teacher_k(self) -> int:
+        """Top-k of the target's distributions the observers want per committed position."""
+        return max((o.teacher_k for o in self.observers), default=0)
 
 
 def _finish_row(row: int, new: list[int], cand: list[int], max_new: int, eos: set[int],
@@ -205,13 +272,19 @@ def speculative_generate(
     eos = set(int(e) for e in eos_token_ids)
     stats = GenerationStats(accepted_per_step=[[] for _ in range(B)],
                             draft_depth_per_step=[[] for _ in range(B)])
+    am = attention_mask.bool()
+    tokens = [input_ids[b][am[b]].tolist() for b in range(B)]
+    if speculator.adaptive and not speculator.cost.calibrated and \
+            hasattr(runner, "calibrate_cost"):  # once per model and device (cached on disk)
+        speculator.cost = runner.calibrate_cost(tokens[0])
     t0 = time.perf_counter()
 
     out = runner.prefill(input_ids, attention_mask)
     stats.target_forwards += 1
-    am = attention_mask.bool()
-    tokens = [input_ids[b][am[b]].tolist() for b in range(B)]
     drafter.start([list(t) for t in tokens])
+    for observer in speculator.observers:
+        observer.start([list(t) for t in tokens])
+    teacher_k = speculator.teacher_k
     first = sample_tokens(out.logits[:, -1], sampling, generator).tolist()
     new: list[list[int]] = [[] for _ in range(B)]
     active = [True] * B
@@ -223,41 +296,76 @@ def speculative_generate(
     # per row, hidden features of the tokens committed since the drafter last saw any
     hidden = None if out.hidden is None else [out.hidden[b, am[b]] for b in range(B)]
 
-    step = 0
-    while any(active):
-        ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
-                           generator=generator, target_hidden=hidden, cost=speculator.cost)
-        limits = [max_new_tokens - len(new[b]) - 1 if active[b] else 0 for b in range(B)]
-        tree = builder.build(drafter, ctx, limits, runner.vocab_size)
-        layout = TreeLayout.from_tree(tree)
-        roots = torch.tensor([t[-1] for t in tokens], dtype=torch.long)
-        t_score = time.perf_counter()
-        scored = runner.score(roots, tree, layout)
-        speculator.cost.observe(tree.width + 1, time.perf_counter() - t_score)
-        stats.target_forwards += 1
-        result = speculator.verifier(tree, scored.logits, sampling, generator, layout,
-                                     speculator.config)
-        runner.commit(result)
-        proposed = result.new_tokens(tree)
-        accepted_out: list[list[int]] = [[] for _ in range(B)]
-        bonus_out: list[int | None] = [None] * B
-        for b in range(B):
-            if not active[b]:
-                continue
-            added, done = _finish_row(b, new[b], proposed[b], max_new_tokens, eos, stop)
-            new[b] += added
-            tokens[b] += added
-            stats.accepted_per_step[b].append(len(added) - 1)
-            stats.draft_depth_per_step[b].append(int(layout.depth[b].max()) if
-                                                 int(tree.num_nodes[b]) else 0)
-            accepted_out[b], bonus_out[b] = added[:-1], added[-1]
-            active[b] = not done
-        if scored.hidden is not None:  # the root (index 0) and the accepted nodes
-            hidden = [scored.hidden[b, [0, *(result.accepted_nodes[b, :n] + 1).tolist()]]
-                      for b, n in enumerate(result.num_accepted.tolist())]
-        drafter.observe(StepOutcome(accepted=accepted_out, bonus=bonus_out, tokens=tokens))
-        hook(stats=StepStats(step=step, num_nodes=tree.num_nodes.tolist(),
-                             accepted=[len(a) for a in accepted_out], active=list(active)))
-        step += 1
+    try:
+        step = 0
+        while any(active):
+            ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
+                               generator=generator, target_hidden=hidden, cost=speculator.cost)
+            limits = [max_new_tokens - len(new[b]) - 1 if active[b] else 0 for b in range(B)]
+            t_draft = time.perf_counter()
+            tree = builder.build(drafter, ctx, limits, runner.vocab_size)
+            layout = TreeLayout.from_tree(tree)
+            speculator.cost.observe_draft(int(layout.depth.max()) if tree.width else 0,
+                                          time.perf_counter() - t_draft)
+            roots = torch.tensor([t[-1] for t in tokens], dtype=torch.long)
+            t_score = time.perf_counter()
+            scored = runner.score(roots, tree, layout)
+            if hasattr(runner, "synchronize"):  # time the forward, not its launch
+                runner.synchronize()
+            speculator.cost.observe(tree.width + 1, time.perf_counter() - t_score)
+            stats.target_forwards += 1
+            result = speculator.verifier(tree, scored.logits, sampling, generator, layout,
+                                         speculator.config)
+            if hasattr(builder, "learn"):  # calibrate the drafter's confidence (adaptive)
+                builder.learn(result.accepted_nodes.cpu(), result.num_accepted.cpu())
+            runner.commit(result)
+            proposed = result.new_tokens(tree)
+            accepted_out: list[list[int]] = [[] for _ in range(B)]
+            bonus_out: list[int | None] = [None] * B
+            was_active = list(active)
+            for b in range(B):
+                if not active[b]:
+                    continue
+                added, done = _finish_row(b, new[b], proposed[b], max_new_tokens, eos, stop)
+                new[b] += added
+                tokens[b] += added
+                stats.accepted_per_step[b].append(len(added) - 1)
+                stats.draft_depth_per_step[b].append(int(layout.depth[b].max()) if
+                                                     int(tree.num_nodes[b]) else 0)
+                accepted_out[b], bonus_out[b] = added[:-1], added[-1]
+                active[b] = not done
+            if scored.hidden is not None:  # the root (index 0) and the accepted nodes
+                hidden = [scored.hidden[b, [0, *(result.accepted_nodes[b, :n] + 1).tolist()]]
+                          for b, n in enumerate(result.num_accepted.tolist())]
+            drafter.observe(StepOutcome(accepted=accepted_out, bonus=bonus_out, tokens=tokens))
+            if speculator.observers:
+                record = _record(step, roots, result, scored, accepted_out, was_active, teacher_k)
+                for observer in speculator.observers:
+                    observer.observe(record)
+            hook(stats=StepStats(step=step, num_nodes=tree.num_nodes.tolist(),
+                                 accepted=[len(a) for a in accepted_out], active=list(active)))
+            step += 1
+    finally:  # per-request adaptation is undone even when a step raises
+        for observer in speculator.observers:
+            observer.finish()
     stats.wall_time_s = time.perf_counter() - t0
     return GenerationOutput(sequences=new, stats=stats)
+
+
+def _record(step: int, roots: torch.Tensor, result: VerifyResult, scored: RunnerOutput,
+            accepted: list[list[int]], active: list[bool], k: int) -> VerifyRecord:
+    """The positions this step committed and scored (root, then the accepted tokens that were
+    kept), with the target's top-``k`` next-token distribution and features there."""
+    B = len(active)
+    index = [torch.cat([torch.zeros(1, dtype=torch.long),
+                        result.accepted_nodes[b, :len(accepted[b])].cpu() + 1])
+             if active[b] else torch.zeros(0, dtype=torch.long) for b in range(B)]
+    toks = [torch.tensor([int(roots[b]), *accepted[b]]) if active[b]
+            else torch.zeros(0, dtype=torch.long) for b in range(B)]
+    top_ids, top_probs = teacher_topk(scored.logits, index, max(k, 1))
+    feats = None
+    if scored.hidden is not None:
+        feats = [scored.hidden[b, index[b].to(scored.hidden.device)].float().cpu()
+                 for b in range(B)]
+    return VerifyRecord(step=step, tokens=toks, top_ids=top_ids, top_probs=top_probs,
+                        features=feats, active=active)

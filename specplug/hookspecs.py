@@ -34,5 +34,12 @@ def specplug_register_verifiers(register: Callable[[str, Callable[..., Any]], No
 
 
 @hookspec
+def specplug_register_observers(register: Callable[[type], None]) -> None:
+    """Call ``register(ObserverClass)`` for each observer (a ``specplug.adapt.base.Observer``
+    subclass with a ``name`` and an ``Options`` model), configured by name in
+    ``SpecConfig.adapt``: it sees every verification step and may adapt the drafter."""
+
+
+@hookspec
 def specplug_on_step(stats: Any) -> None:
     """Called after every verification step with a ``specplug.engine.StepStats``."""

@@ -19,6 +19,7 @@ BUILTIN_PLUGINS = (
     "specplug.drafters.draft_model",
     "specplug.drafters.layer_skip",
     "specplug.drafters.heads",
+    "specplug.adapt.test_time",
     "specplug.builtins",
 )
 
@@ -40,6 +41,7 @@ class Registry:
     drafters: dict[str, type] = field(default_factory=dict)
     tree_builders: dict[str, Callable[..., Any]] = field(default_factory=dict)
     verifiers: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    observers: dict[str, type] = field(default_factory=dict)
 
     def drafter(self, name: str) -> type:
         try:
@@ -50,6 +52,14 @@ class Registry:
                 f"{', '.join(sorted(self.drafters))}. Install or register a plugin that "
                 "provides it (entry-point group 'specplug')."
             ) from None
+
+    def observer(self, name: str) -> type:
+        try:
+            return self.observers[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown adaptation {name!r} in adapt; registered observers: "
+                f"{', '.join(sorted(self.observers)) or '(none)'}") from None
 
 
 _registry: Registry | None = None
@@ -69,6 +79,8 @@ def _build_registry(pm: pluggy.PluginManager) -> Registry:
         register=lambda name, f: add(reg.tree_builders, name, f, "tree builder"))
     pm.hook.specplug_register_verifiers(
         register=lambda name, f: add(reg.verifiers, name, f, "verifier"))
+    pm.hook.specplug_register_observers(
+        register=lambda cls: add(reg.observers, cls.name, cls, "observer"))
     return reg
 
 

@@ -72,6 +72,13 @@ class ChainProposer:
         if config.tree != "chain":
             raise ValueError(f"this engine verifies chains only (tree={config.tree!r}); use "
                              "tree='chain' (token trees need specplug.hf.generate)")
+        if config.adapt:
+            raise ValueError(
+                f"adapt={sorted(config.adapt)} is not available in this engine: observers such "
+                "as test_time learn from the target's distributions at the verified positions, "
+                "and the engine hands specplug token ids only. For online adaptation here use "
+                "ngram's cross-request cache (suffix_cache_tokens=...); test_time runs in "
+                "specplug.hf.generate and the assistant_model route")
         self.config = config
         self.vocab_size = int(vocab_size)
         self.max_context = max_context

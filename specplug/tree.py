@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from specplug.budget import AcceptanceCalibration, best_tree_size, worth_extending
+from specplug.cost import CostModel
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem
 from specplug.kernels.tree_prep import check_topological, prepare_tree
 
@@ -164,12 +166,43 @@ class TreeBuilder(ABC):
         depth_limit: list[int],
         vocab_size: int,
     ) -> DraftTree:
-        """Build one tree per row; row b gets no node deeper than ``depth_limit[b]``."""
+        """Build one tree per row; row b gets no node deeper than ``depth_limit[b]``.
+
+        With an adaptive drafter (``options.adaptive``) whose confidences are probabilities,
+        the tree is cut to the size that maximises expected tokens per unit of step time under
+        ``ctx.cost`` (``specplug.budget``)."""
         sample = (not ctx.sampling.greedy) and drafter.probabilistic
+        self.cost: CostModel | None = ctx.cost if (
+            drafter.probabilistic and getattr(drafter.options, "adaptive", False)) else None
         roots = drafter.begin(ctx)
         nodes: list[list[TreeNode]] = [[] for _ in ctx.tokens]
         self._grow(drafter, ctx, roots, nodes, depth_limit, sample)
+        self.beliefs = [[self._belief(n) for n in row] for row in nodes] \
+            if self.cost is not None else None
         return _to_tensors(nodes, sample, vocab_size)
+
+    @property
+    def calibration(self) -> AcceptanceCalibration:
+        """Belief -> observed acceptance, learned across this builder's steps (adaptive)."""
+        cal = self.__dict__.get("_calibration")
+        if cal is None:
+            cal = self.__dict__["_calibration"] = AcceptanceCalibration()
+        return cal
+
+    def _belief(self, node: TreeNode) -> float:
+        """The drafter's probability that ``node`` ends up accepted (its pruning score)."""
+        return node.score
+
+    def learn(self, accepted_nodes: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """After verification of the last tree built: which nodes were accepted (``[B, D]``
+        node indices, ``[B]`` counts) against what the drafter believed."""
+        beliefs = getattr(self, "beliefs", None)
+        if beliefs is None:
+            return
+        for b, row in enumerate(beliefs):
+            hit = set(accepted_nodes[b, :int(num_accepted[b])].tolist())
+            for i, p in enumerate(row):
+                self.calibration.observe(p, i in hit)
 
     def _grow(self, drafter: Drafter, ctx: DraftContext, roots: list[Any],
               nodes: list[list[TreeNode]], depth_limit: list[int], sample: bool) -> None:
@@ -193,6 +226,11 @@ class TreeBuilder(ABC):
 
     def _finish(self, nodes: list[list[TreeNode]]) -> None:  # noqa: B027 - optional hook
         """Last pass over the built rows (default: none)."""
+
+    def _within_budget(self, row: list[TreeNode], tip: Tip, picks: list[Choice]
+                       ) -> list[Choice]:
+        """The children of ``tip`` worth adding (default: all the builder asked for)."""
+        return picks
 
     @staticmethod
     def _add(row: list[TreeNode], parent: int, depth: int, choice: Choice,
@@ -236,6 +274,7 @@ class TreeBuilder(ABC):
                 picks = chosen.get((b, j))
                 picks = picks[: self._fanout(tip)] if picks is not None else \
                     _ranked_children(cand, self._fanout(tip))
+                picks = self._within_budget(nodes[b], tip, picks)
                 prev = None
                 for rank, choice in enumerate(picks):
                     prev = self._add(nodes[b], tip.index, depth, choice, prev)
@@ -265,6 +304,21 @@ class ChainBuilder(TreeBuilder):
 
     def _fanout(self, tip: Tip) -> int:
         return 1
+
+    def _within_budget(self, row, tip, picks):
+        # SpecDec++-style stop: the next token must raise expected tokens per step time.
+        if self.cost is None or not picks:
+            return picks
+        # Under sampling the decision may depend on the tokens drawn so far (a stopping time)
+        # but never on the token it decides about: it uses that position's top probability
+        # (the rank weight), not the drawn token's, which would bias the output.
+        cal = self.calibration
+        expected = 1.0 + sum(cal(n.value) for n in row)  # a chain: every node is on the path
+        path_p = cal((row[tip.index].value if tip.index >= 0 else 1.0) * picks[0][2])
+        return picks if worth_extending(expected, path_p, len(row), self.cost) else []
+
+    def _belief(self, node: TreeNode) -> float:
+        return node.value  # a chain may stop on its drawn tokens (see _within_budget)
 
 
 def parse_static_paths(paths: list[list[int]] | list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -348,9 +402,19 @@ class DynamicTreeBuilder(TreeBuilder):
         return self.topk
 
     def _finish(self, nodes):
+        cost = self.cost
+        # the tree is drafted already: only the target's scoring cost is still to pay
+        scoring = (lambda n: cost.relative(1 + n)) if cost is not None else None
         for b, row in enumerate(nodes):
-            if len(row) > self.budget:
-                nodes[b] = _prune(row, self.budget)
+            keep = self.budget
+            if scoring is not None:  # the size that pays best on this machine
+                # in pruning order; whether a node is kept depends only on the nodes ranked
+                # before it, never on its descendants (whose scores carry its drawn token)
+                scores = sorted((n.score for n in row), reverse=True)
+                keep = best_tree_size([self.calibration(p) for p in scores], scoring,
+                                      self.budget)
+            if len(row) > keep:
+                nodes[b] = _prune(row, keep)
 
 
 def _prune(row: list[TreeNode], budget: int) -> list[TreeNode]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SPECPLUG_KERNELS_POISON", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# cost-curve calibrations (specplug.budget) of tiny models go to a throw-away folder
+os.environ.setdefault("SPECPLUG_COST_CACHE", tempfile.mkdtemp(prefix="specplug-cost-"))
 
 
 @pytest.fixture(scope="session", params=["gemma", "llama"])

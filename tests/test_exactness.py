@@ -23,7 +23,8 @@ import torch
 from scipy.stats import chisquare
 
 import specplug.kernels.verify as verify_kernels
-from specplug.drafters.base import Candidates, DraftContext, Drafter
+from specplug.budget import calibrate
+from specplug.drafters.base import Candidates, DraftContext, Drafter, DrafterOptions
 from specplug.sampling import SamplingParams, probs_from_logits
 from specplug.tree import ChainBuilder, DynamicTreeBuilder, StaticTreeBuilder
 from specplug.verify import verify_exact
@@ -84,9 +85,10 @@ SAMPLINGS = {
 }
 
 
-def emitted_pairs(builder, drafter, target_logits, sampling, seed):
+def emitted_pairs(builder, drafter, target_logits, sampling, seed, cost=None):
     g = torch.Generator().manual_seed(seed)
-    ctx = DraftContext(tokens=[[ROOT]] * N, active=[True] * N, sampling=sampling, generator=g)
+    ctx = DraftContext(tokens=[[ROOT]] * N, active=[True] * N, sampling=sampling, generator=g,
+                       cost=cost)
     tree = builder.build(drafter, ctx, [builder.max_depth] * N, V)
     logits = torch.cat([target_logits[ROOT].expand(N, 1, V), target_logits[tree.tokens]], 1)
     res = verify_exact(tree, logits, sampling, g)
@@ -171,3 +173,57 @@ def test_seeded_runs_reproduce():
     a = emitted_pairs(BUILDERS["chain"](), drafter, target, sampling, seed=3)
     b = emitted_pairs(BUILDERS["chain"](), drafter, target, sampling, seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+class AdaptiveMarkov(MarkovDrafter):
+    """The Markov drafter with an adaptive budget: builders size its drafts by the cost."""
+
+    class Options(DrafterOptions):
+        adaptive: bool = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.options = self.Options()
+
+
+def steep_cost():
+    """A curve where the stop falls among the drafter's likely tokens (cost(n) = 1 + 0.25n)."""
+    return calibrate(lambda n: 0.01 * (1 + 0.25 * (n - 1)), widths=(1, 2, 4, 8), repeats=1,
+                     warmup=0)
+
+
+@pytest.mark.parametrize("sampling_name", ["t1", "t0.7-topk5"])
+@pytest.mark.parametrize("builder_name", ["chain", "dynamic"])
+def test_adaptive_budgets_keep_the_target_distribution(builder_name, sampling_name):
+    """Adaptive chains stop and adaptive trees are cut by the drafter's confidence and the
+    cost curve; under sampling that must not bias what is emitted."""
+    target, good, _ = tables()
+    sampling = SAMPLINGS[sampling_name]
+    drafter = AdaptiveMarkov(good, sampling, probabilistic=True)
+    builder = {"chain": lambda: ChainBuilder(3),
+               "dynamic": lambda: DynamicTreeBuilder(budget=6, topk=3, depth=3)}[builder_name]()
+    seed = zlib.crc32(f"adaptive/{builder_name}/{sampling_name}".encode()) % 10_000
+    x1, x2, res = emitted_pairs(builder, drafter, target, sampling, seed, cost=steep_cost())
+    assert chi2_pvalue(x1, x2, target, sampling) > ALPHA
+    sizes = res.num_accepted.float()
+    assert 0.2 < sizes.mean() < 2.5  # it drafted, and not always the full budget
+
+
+def test_planted_bias_chain_stop_on_the_drawn_token_is_detected(monkeypatch):
+    """Stopping on the drawn token's own probability (instead of the position's top
+    probability) biases sampled output; the test above must catch it."""
+    from specplug.budget import worth_extending
+
+    def biased(self, row, tip, picks):
+        if self.cost is None or not picks:
+            return picks
+        expected = 1.0 + sum(n.value for n in row)
+        path_p = (row[tip.index].value if tip.index >= 0 else 1.0) * picks[0][1]
+        return picks if worth_extending(expected, path_p, len(row), self.cost) else []
+
+    monkeypatch.setattr(ChainBuilder, "_within_budget", biased)
+    target, good, _ = tables()
+    sampling = SAMPLINGS["t1"]
+    drafter = AdaptiveMarkov(good, sampling, probabilistic=True)
+    x1, x2, _ = emitted_pairs(ChainBuilder(3), drafter, target, sampling, 11, cost=steep_cost())
+    assert chi2_pvalue(x1, x2, target, sampling) < ALPHA

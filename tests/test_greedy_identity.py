@@ -49,7 +49,8 @@ def test_draft_equal_to_target_accepts_everything():
     checks the drafter's cache bookkeeping, not just the (always-correct) output."""
     model = tiny_llama(0)
     ids, mask = repetitive_prompts([7, 11], seed=3)
-    cfg = SpecConfig(method="draft_model", model=tiny_llama(0), num_speculative_tokens=4)
+    cfg = SpecConfig(method="draft_model", model=tiny_llama(0), num_speculative_tokens=4,
+                     adaptive=False)  # always the full chain (adaptive: as the cost says)
     got = speculative_generate(ModelTargetRunner(model), Speculator.from_config(cfg, model),
                                ids, mask, max_new_tokens=21)
     assert got.sequences == reference_greedy(model, ids, mask, 21)

@@ -102,7 +102,8 @@ def test_trained_heads_get_drafts_accepted_and_stay_identical(llama, kind):
                                                          lr=3e-3, warmup=2))
     ids, mask = repetitive_prompts([9, 12, 7], seed=5)
     want = reference_greedy(llama, ids, mask, 24)
-    spec = Speculator.from_config(SpecConfig(method=kind, checkpoint=net,
+    # adaptive=False: a tiny target is cheaper than drafting, so an adaptive tree stays empty
+    spec = Speculator.from_config(SpecConfig(method=kind, checkpoint=net, adaptive=False,
                                              tree="dynamic", tree_budget=8,
                                              num_speculative_tokens=3), llama)
     runner = ModelTargetRunner(llama, hidden_layers=spec.drafter.hidden_layers)
@@ -111,25 +112,13 @@ def test_trained_heads_get_drafts_accepted_and_stay_identical(llama, kind):
     assert max(max(a) for a in got.stats.accepted_per_step) >= 2
 
 
-def test_adaptive_chains_stop_where_a_token_does_not_pay():
-    from specplug.drafters.heads import _Node, worth_extending
-
-    root = _Node(None, 1)
-    assert worth_extending(root, 0.5, slope=0.2)  # (1 + .5) / 1.2 > 1
-    assert not worth_extending(root, 0.15, slope=0.2)  # 1.15 / 1.2 < 1
-    assert worth_extending(root, 0.01, slope=0.0)  # free scoring: always draft
-    deep = _Node(None, 4, path_p=0.3, expected=2.6)  # three tokens drafted
-    assert not worth_extending(deep, 0.5, slope=0.2)  # +0.15 for 1/1.6 more cost
-    assert worth_extending(deep, 0.99, slope=0.02)
-
-
 @pytest.mark.parametrize("slope, expect_full", [(0.0, True), (5.0, False)])
 def test_adaptive_chain_depth_follows_the_cost_curve(llama, slope, expect_full):
     """With free scoring every step drafts the full chain; with steep scoring costs and an
     unsure (random) head, steps draft nothing. The output is identical either way."""
     from specplug.cost import CostModel
 
-    cost = CostModel(prior_slope=slope)
+    cost = CostModel(prior_slope=slope, calibrated=True)  # no calibration run
     cost.observe(1, 1.0)  # one width timed: the prior slope stays in force
     ids, mask = repetitive_prompts([9], seed=1)
     spec = Speculator.from_config(SpecConfig(method="eagle", num_speculative_tokens=4,

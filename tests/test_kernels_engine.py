@@ -27,7 +27,9 @@ def run(backend: str, tree: str, sampling: SamplingParams, monkeypatch) -> tuple
     monkeypatch.setenv("SPECPLUG_KERNELS", backend)
     model = tiny_llama(0)
     ids, mask = repetitive_prompts([9, 5, 13], seed=2)
-    cfg = SpecConfig(method="draft_model", model=tiny_llama(1), **TREES[tree])
+    # adaptive=False: a budget sized from measured time would make the two runs draft
+    # different trees, and sampled runs use the random stream differently
+    cfg = SpecConfig(method="draft_model", model=tiny_llama(1), adaptive=False, **TREES[tree])
     out = speculative_generate(ModelTargetRunner(model), Speculator.from_config(cfg, model),
                                ids, mask, max_new_tokens=14, sampling=sampling,
                                generator=torch.Generator().manual_seed(0))

@@ -81,7 +81,8 @@ def test_draft_model_drafts_get_accepted_and_steps_continue():
     """With the target as its own draft model every chain is accepted in full, which is only
     possible if the drafter's cache follows the engine across steps."""
     target = tiny_llama(0)
-    config = SpecConfig(method="draft_model", model=tiny_llama(0), num_speculative_tokens=3)
+    config = SpecConfig(method="draft_model", model=tiny_llama(0), num_speculative_tokens=3,
+                        adaptive=False)  # always the full chain
     proposer = ChainProposer(config, vocab_size=96)
     ids, mask = repetitive_prompts([7], seed=1)
     prompt = ids[0][mask[0].bool()].tolist()
@@ -243,3 +244,24 @@ def test_supported_vllm_rewrites_specplug_configs_at_startup(fake_vllm):
     with pytest.raises(ValueError, match="bogus"):
         EngineArgs({"method": "specplug", "drafter": "ngram",
                     "bogus": 1}).create_speculative_config()
+
+
+def test_suffix_cache_serves_later_requests_from_earlier_ones():
+    """An engine that restarts its batch: a running request never enters the cache (its
+    drafts come from its own text), finished ones do, and a later request repeating an earlier
+    answer drafts from it; the output stays the target's greedy output."""
+    target = tiny_llama(0)
+    ids, mask = repetitive_prompts([9, 14, 6], seed=3)
+    prompts = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
+    first = reference_greedy(target, ids, mask, 16)
+    # the later requests: each earlier prompt plus the start of its answer
+    later = [p + a[:3] for p, a in zip(prompts, first)]
+    config = SpecConfig(method="ngram", num_speculative_tokens=4, adaptive=False,
+                        suffix_cache_tokens=10_000)
+    proposer = ChainProposer(config, vocab_size=96, max_context=256)
+    assert serve(target, proposer, prompts, max_new=16, slots=2) == first
+    cache = proposer.drafter.cache
+    assert cache.num_sequences >= 1  # finished requests, never running ones
+    got = serve(target, proposer, later, max_new=8, slots=2)
+    assert got == [a[3:11] for a in first]
+    assert cache.num_sequences >= 3

@@ -134,9 +134,15 @@ class Drafter(ABC):
     reads_target: ClassVar[bool] = False
     #: ``num_speculative_tokens`` when the config does not set it
     default_num_speculative_tokens: ClassVar[int] = 4
+    #: False for drafters whose weights are the target's (training them would change it)
+    owns_weights: ClassVar[bool] = True
 
     def __init__(self, options: DrafterOptions | None = None):
         self.options = options if options is not None else self.Options()
+        #: set by ``specplug.adapt.test_time`` on trainable drafters: the adapter applied
+        #: before the LM head, and the adapter slot of each row of the current generation
+        self.output_adapter: Any = None
+        self.adapter_slots: list[int] = []
 
     @classmethod
     def from_config(cls, config: Any, target: Any = None) -> Drafter:

@@ -7,13 +7,14 @@ from typing import Any
 from pydantic import Field
 
 from specplug.drafters.base import DrafterOptions
-from specplug.drafters.model_drafter import ModelDrafter, check_vocab, output_vocab
+from specplug.drafters.model_drafter import ADAPTIVE, ModelDrafter, check_vocab, output_vocab
 from specplug.hookspecs import hookimpl
 
 
 class DraftModelOptions(DrafterOptions):
     model: Any = Field(..., description="a loaded HF causal LM, a known short name "
                                         "(see specplug.models) or a local HF folder")
+    adaptive: bool = Field(True, description=ADAPTIVE)
 
 
 class DraftModelDrafter(ModelDrafter):

@@ -8,6 +8,7 @@ layers the head names. Heads propose from a draft vocabulary (the checkpoint's
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,8 +38,8 @@ class HeadOptions(DrafterOptions):
                           "specplug.heads.nets.DraftNet, or None for the head shipped for the "
                           "target")
     adaptive: bool = Field(
-        True, description="end a chain where one more draft token is not worth scoring: "
-                          "by the head's own confidence and the engine's measured cost curve")
+        True, description="size each step's draft (chain length, tree nodes) by the head's own "
+                          "confidence and the measured cost curve (specplug.budget)")
 
 
 def _target_name(target: Any) -> str | None:
@@ -63,22 +64,12 @@ def shipped_head(target: Any, kind: str) -> Path:
 
 
 class _Node:
-    """A tree node's handle: the head's state for expanding it, its depth, the head's
-    probability of its path (``path_p``) and the sum of those over the path (``expected``:
-    the tokens a step emits if the path is accepted as the head believes, bonus included)."""
+    """A tree node's handle: the head's state for expanding it and its depth."""
 
-    __slots__ = ("state", "depth", "path_p", "expected")
+    __slots__ = ("state", "depth")
 
-    def __init__(self, state: Any, depth: int, path_p: float = 1.0, expected: float = 1.0):
-        self.state, self.depth, self.path_p, self.expected = state, depth, path_p, expected
-
-
-def worth_extending(node: _Node, p_next: float, slope: float) -> bool:
-    """Does drafting one more token after ``node`` (depth ``d``) raise the expected tokens
-    per unit of target time, ``(1 + sum of path probabilities) / (1 + slope * d)``?"""
-    d = node.depth - 1  # draft tokens on the path so far
-    p = node.path_p * p_next
-    return (node.expected + p) / (1.0 + slope * (d + 1)) > node.expected / (1.0 + slope * d)
+    def __init__(self, state: Any, depth: int):
+        self.state, self.depth = state, depth
 
 
 class HeadDrafter(Drafter):
@@ -95,13 +86,15 @@ class HeadDrafter(Drafter):
                                                                              "clover2"}:
             raise ValueError(f"the checkpoint holds a {net.config.kind!r} head, not "
                              f"{self.kind!r}; use method={net.config.kind!r}")
-        self.net = net.bind(target.get_input_embeddings(),
-                            target.get_output_embeddings().weight)
+        # a shallow copy: its own binding and adapter, so two speculators built from one
+        # loaded net never see each other's (the weights themselves are shared)
+        self.net = copy.copy(net).bind(target.get_input_embeddings(),
+                                       target.get_output_embeddings().weight)
         self.hidden_layers = tuple(net.config.hidden_layers)
         self.vocab_size = net.config.vocab_size
         self.sampling = SamplingParams()
-        self.slope: float | None = None
         self.rows: list[Any] = []
+        self._online: tuple[Any, torch.Tensor] | None = None  # (TrainSettings, to_draft)
 
     @classmethod
     def from_config(cls, config: Any, target: Any = None) -> HeadDrafter:
@@ -133,7 +126,6 @@ class HeadDrafter(Drafter):
         if len(self.rows) != len(ctx.tokens):
             self.start(ctx.tokens)
         self.sampling = ctx.sampling
-        self.slope = ctx.cost.slope() if ctx.cost is not None else None
         roots: list[Any] = []
         for b, (row, toks) in enumerate(zip(self.rows, ctx.tokens)):
             if not ctx.active[b]:  # finished rows may have dropped tokens after EOS
@@ -163,13 +155,8 @@ class HeadDrafter(Drafter):
             full[vocab] = logits
             dist = probs_from_logits(full, self.sampling)
             probs, tokens = torch.topk(dist, min(k, vocab.numel()))
-        probs_l = probs.tolist()
-        if (k == 1 and self.options.adaptive and self.slope is not None and probs_l
-                and not worth_extending(node, probs_l[0], self.slope)):
-            return EMPTY  # a chain ends here: the next token would not pay for its scoring
-        p = node.path_p * (probs_l[0] if probs_l else 0.0)
-        child = _Node(state, node.depth + 1, p, node.expected + p)
-        return Candidates(tokens=tokens.tolist(), probs=probs_l,
+        child = _Node(state, node.depth + 1)
+        return Candidates(tokens=tokens.tolist(), probs=probs.tolist(),
                           handles=[child] * len(tokens), dist=dist, shared_handle=child)
 
     @torch.no_grad()
@@ -180,6 +167,8 @@ class HeadDrafter(Drafter):
             by_depth: dict[int, list[int]] = {}
             for j, it in enumerate(items):
                 by_depth.setdefault(it.handle.depth, []).append(j)
+            if self.output_adapter is not None:
+                self.output_adapter.slot = self.adapter_slots[b]
             for depth, idx in by_depth.items():
                 if depth > self.net.max_depth:
                     for j in idx:
@@ -193,6 +182,40 @@ class HeadDrafter(Drafter):
                     cands[j] = self._candidates(logit, k, items[j].handle, state)
             out.append(cands)  # type: ignore[arg-type]
         return out
+
+
+    # --- test-time training (specplug.adapt.test_time) ------------------------------------
+    def online_width(self) -> int:
+        return self.net.config.hidden_size
+
+    def online_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.net.parameters())
+
+    def set_output_adapter(self, adapter: Any) -> None:
+        self.output_adapter = adapter
+        self.net.set_output_adapter(adapter)
+
+    def online_loss(self, window: Any) -> torch.Tensor:
+        """Distillation on one window of committed positions: the offline trainer's
+        ``head_loss`` with soft cross-entropy on the target's top-k and cross-entropy on its
+        argmax at every depth (the per-kind depth decay; no feature regression, no noise)."""
+        from specplug.train.trainer import Example, TrainSettings, _collate, head_loss
+
+        if window.features is None:
+            raise RuntimeError(f"test-time training of {self.name!r} needs the target's "
+                               "hidden features at the committed positions")
+        if self._online is None:
+            to_draft = torch.full((self.vocab_size,), -1, dtype=torch.long)
+            to_draft[self.net.draft_vocab] = torch.arange(self.net.draft_vocab.numel())
+            settings = TrainSettings.for_kind(self.net.config.kind, kd_weight=1.0,
+                                              hard_weight=1.0, reg_weight=0.0,
+                                              feature_noise=0.0)
+            self._online = (settings, to_draft)
+        settings, to_draft = self._online
+        ex = Example(ids=window.tokens, features=window.features, top_ids=window.top_ids,
+                     top_probs=window.top_probs)
+        loss, _ = head_loss(self.net, _collate([(ex, 0, len(window))]), settings, to_draft)
+        return loss
 
 
 def _drafter(kind: str, doc: str) -> type[HeadDrafter]:

@@ -11,15 +11,16 @@ import copy
 from typing import Any
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from specplug.drafters.base import DrafterOptions
-from specplug.drafters.model_drafter import ModelDrafter
+from specplug.drafters.model_drafter import ADAPTIVE, ModelDrafter
 from specplug.hookspecs import hookimpl
 
 
 class LayerSkipOptions(DrafterOptions):
     layers: int | list[int] | None = None  # None: the first half of the layers
+    adaptive: bool = Field(True, description=ADAPTIVE)
 
     @field_validator("layers")
     @classmethod
@@ -78,6 +79,7 @@ def truncated_view(model: Any, layer_ids: list[int]) -> Any:
 class LayerSkipDrafter(ModelDrafter):
     name = "layer_skip"
     reads_target = True
+    owns_weights = False  # its layers and LM head are the target's
     Options = LayerSkipOptions
 
     @classmethod

@@ -8,9 +8,11 @@ entries of the accepted nodes it scored and drops the rest.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem, StepOutcome
 from specplug.kernels.softmax_topk import softmax_topk
@@ -18,6 +20,10 @@ from specplug.runner import ModelRunner
 from specplug.sampling import SamplingParams, check_finite, probs_from_logits
 
 _ROOT = object()
+
+ADAPTIVE = ("size each step's draft (chain length, tree nodes) by the draft model's own "
+            "confidence and the measured cost curve (specplug.budget); False: always the "
+            "configured depth / budget")
 
 
 def check_vocab(draft_vocab: int, target_vocab: int, what: str) -> None:
@@ -30,6 +36,38 @@ def check_vocab(draft_vocab: int, target_vocab: int, what: str) -> None:
 
 def output_vocab(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
+
+
+class _AdaptedHead(torch.nn.Module):
+    """The LM head behind a test-time adapter: ``head(adapter(h))``."""
+
+    def __init__(self, head: torch.nn.Module, adapter: torch.nn.Module):
+        super().__init__()
+        self.head, self.adapter = head, adapter
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.adapter(h))
+
+
+def with_output_adapter(model: Any, adapter: torch.nn.Module) -> Any:
+    """A shallow view of ``model`` whose LM head runs ``adapter`` first; ``model`` itself (and
+    a target sharing its modules) is untouched."""
+    head = model.get_output_embeddings()
+    if isinstance(head, _AdaptedHead):
+        head = head.head
+    key = next((k for k, m in model._modules.items() if m is head or
+                (isinstance(m, _AdaptedHead) and m.head is head)), None)
+    if key is None:
+        raise ValueError(f"cannot find the LM head of {type(model).__name__} among its direct "
+                         "submodules; test-time adapters need one")
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view._modules[key] = _AdaptedHead(head, adapter)
+    return view
 
 
 class ModelDrafter(Drafter):
@@ -52,6 +90,8 @@ class ModelDrafter(Drafter):
     def begin(self, ctx: DraftContext) -> list[Any]:
         self.sampling = ctx.sampling
         B = len(ctx.tokens)
+        if self.output_adapter is not None:
+            self.output_adapter.slot = self.adapter_slots
         if not self.started:
             L = max(len(t) for t in ctx.tokens)
             ids = torch.zeros(B, L, dtype=torch.long)
@@ -87,6 +127,8 @@ class ModelDrafter(Drafter):
 
     def expand(self, frontier: list[list[FrontierItem]], k: int) -> list[list[Candidates]]:
         B = len(frontier)
+        if self.output_adapter is not None:
+            self.output_adapter.slot = self.adapter_slots
         todo = [[it for it in row if it.handle is not _ROOT] for row in frontier]
         n = max((len(r) for r in todo), default=0)
         logits = slots = None
@@ -133,3 +175,28 @@ class ModelDrafter(Drafter):
             idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         self.runner.commit(idx, torch.tensor([len(p) for p in keep], dtype=torch.long))
         self.cached = [c + len(p) for c, p in zip(self.cached, keep)]
+
+    # --- test-time training (specplug.adapt.test_time) ------------------------------------
+    def online_width(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[1])
+
+    def online_parameters(self) -> list[torch.nn.Parameter]:
+        adapter = {id(p) for p in self.output_adapter.parameters()} \
+            if self.output_adapter is not None else set()
+        return [p for p in self.model.parameters() if id(p) not in adapter]
+
+    def set_output_adapter(self, adapter: Any) -> None:
+        self.output_adapter = adapter
+        self.model = with_output_adapter(self.model, adapter)
+        self.runner.model = self.model
+
+    def online_loss(self, window: Any) -> torch.Tensor:
+        """Soft cross-entropy on the target's top-k distribution plus cross-entropy on its
+        argmax, at every position of the window (no cache: one plain forward)."""
+        device = self.runner.device
+        logits = self.model(input_ids=window.tokens[None].to(device), use_cache=False).logits
+        logp = logits[0].float().log_softmax(-1)  # [T, V]
+        ids, p = window.top_ids.to(device), window.top_probs.to(device)
+        p = p / p.sum(-1, keepdim=True).clamp(min=1e-6)
+        soft = -(p * logp.gather(-1, ids)).sum(-1).mean()
+        return soft + F.nll_loss(logp, ids[:, 0])

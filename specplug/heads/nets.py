@@ -65,8 +65,20 @@ class DraftNet(nn.Module):
             return self._target["embed"](tokens).float()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """``h [..., H]`` -> draft-vocabulary logits ``[..., Vd]``."""
-        return h @ self._target["lm"].T
+        """``h [..., H]`` -> draft-vocabulary logits ``[..., Vd]`` (through the test-time
+        adapter first, when one is set)."""
+        return self.adapt(h) @ self._target["lm"].T
+
+    def adapt(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [..., H]`` through the test-time adapter, when one is set (before any LM
+        head: the target's, or a head's own)."""
+        adapter = self._target.get("adapter")
+        return h if adapter is None else adapter(h)
+
+    def set_output_adapter(self, adapter: nn.Module | None) -> None:
+        """Apply ``adapter`` (``specplug.adapt.adapter.OutputAdapter``) to the LM head's input;
+        it is not a submodule: never in ``state_dict`` nor in ``parameters()``."""
+        self._target["adapter"] = adapter
 
     def feature_in(self, feats: torch.Tensor) -> torch.Tensor:
         return feats
@@ -130,7 +142,7 @@ class MedusaNet(DraftNet):
 
     def _head(self, d: int, f: torch.Tensor) -> torch.Tensor:
         h = self.heads[d](f)
-        return self.lm_heads[d](h) if self.lm_heads is not None else self.logits(h)
+        return self.lm_heads[d](self.adapt(h)) if self.lm_heads is not None else self.logits(h)
 
     def train_forward(self, feats, tokens, valid):
         return {"logits": [self._head(d, feats) for d in range(len(self.heads))]}
