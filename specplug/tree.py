@@ -158,6 +158,14 @@ class TreeBuilder(ABC):
     max_nodes: int
     #: deepest path a tree from this builder can have
     max_depth: int
+    #: the cost model of the current build when the drafter is adaptive, else None
+    cost: CostModel | None = None
+    #: per row, what the drafter believed of each node of the last adaptive build
+    beliefs: list[list[float]] | None = None
+
+    def __init__(self) -> None:
+        #: belief -> observed acceptance, learned across this builder's steps (adaptive)
+        self.calibration = AcceptanceCalibration()
 
     def build(
         self,
@@ -172,7 +180,7 @@ class TreeBuilder(ABC):
         the tree is cut to the size that maximises expected tokens per unit of step time under
         ``ctx.cost`` (``specplug.budget``)."""
         sample = (not ctx.sampling.greedy) and drafter.probabilistic
-        self.cost: CostModel | None = ctx.cost if (
+        self.cost = ctx.cost if (
             drafter.probabilistic and getattr(drafter.options, "adaptive", False)) else None
         roots = drafter.begin(ctx)
         nodes: list[list[TreeNode]] = [[] for _ in ctx.tokens]
@@ -181,14 +189,6 @@ class TreeBuilder(ABC):
             if self.cost is not None else None
         return _to_tensors(nodes, sample, vocab_size)
 
-    @property
-    def calibration(self) -> AcceptanceCalibration:
-        """Belief -> observed acceptance, learned across this builder's steps (adaptive)."""
-        cal = self.__dict__.get("_calibration")
-        if cal is None:
-            cal = self.__dict__["_calibration"] = AcceptanceCalibration()
-        return cal
-
     def _belief(self, node: TreeNode) -> float:
         """The drafter's probability that ``node`` ends up accepted (its pruning score)."""
         return node.score
@@ -196,10 +196,9 @@ class TreeBuilder(ABC):
     def learn(self, accepted_nodes: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """After verification of the last tree built: which nodes were accepted (``[B, D]``
         node indices, ``[B]`` counts) against what the drafter believed."""
-        beliefs = getattr(self, "beliefs", None)
-        if beliefs is None:
+        if self.beliefs is None:
             return
-        for b, row in enumerate(beliefs):
+        for b, row in enumerate(self.beliefs):
             hit = set(accepted_nodes[b, :int(num_accepted[b])].tolist())
             for i, p in enumerate(row):
                 self.calibration.observe(p, i in hit)
@@ -298,6 +297,7 @@ class ChainBuilder(TreeBuilder):
     """A single path of ``k`` tokens per row (the classic speculative chain)."""
 
     def __init__(self, num_speculative_tokens: int):
+        super().__init__()
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.max_nodes = self.max_depth = num_speculative_tokens
@@ -318,7 +318,7 @@ class ChainBuilder(TreeBuilder):
         return picks if worth_extending(expected, path_p, len(row), self.cost) else []
 
     def _belief(self, node: TreeNode) -> float:
-        return node.value  # a chain may stop on its drawn tokens (see _within_budget)
+        return node.value  # the path probability of the tokens the verifier will test
 
 
 def parse_static_paths(paths: list[list[int]] | list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -360,6 +360,7 @@ class StaticTreeBuilder(TreeBuilder):
     second-ranked child of the top-ranked child of the root."""
 
     def __init__(self, paths: list[list[int]] | list[tuple[int, ...]]):
+        super().__init__()
         self.paths = parse_static_paths(paths)
         self.max_nodes = len(self.paths)
         self.max_depth = max(len(p) for p in self.paths)
@@ -381,6 +382,7 @@ class DynamicTreeBuilder(TreeBuilder):
     tree whose sibling lists are prefixes of the proposal order)."""
 
     def __init__(self, budget: int, topk: int = 4, depth: int = 6):
+        super().__init__()
         if budget < 1:
             raise ValueError(f"dynamic tree budget must be >= 1 node, got {budget}")
         if topk < 1:
