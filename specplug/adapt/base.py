@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from specplug.kernels.softmax_topk import softmax_topk
+
 __all__ = ["Observer", "ObserverOptions", "VerifyRecord", "teacher_topk"]
 
 
@@ -61,8 +63,12 @@ def teacher_topk(logits: torch.Tensor, index: list[torch.Tensor], k: int
     ``logits [B, N + 1, V]``) -> ``([m_b, k] ids, [m_b, k] probs)``."""
     ids, probs = [], []
     for b, idx in enumerate(index):
-        rows = logits[b, idx.to(logits.device)].float()
-        p, i = torch.topk(rows.softmax(-1), min(k, rows.shape[-1]), dim=-1)
+        rows = logits[b, idx.to(logits.device)]
+        if rows.shape[0] == 0:
+            p = rows.new_zeros(0, k, dtype=torch.float32)
+            i = torch.zeros(0, k, dtype=torch.long, device=rows.device)
+        else:  # fused: the [m, V] distribution is never written
+            p, i = softmax_topk(rows, min(k, rows.shape[-1]))
         ids.append(i.cpu())
         probs.append(p.cpu())
     return ids, probs
