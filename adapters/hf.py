@@ -31,6 +31,7 @@ from specplug.adapt.base import VerifyRecord, teacher_topk
 from specplug.config import SpecConfig
 from specplug.drafters.base import DraftContext, StepOutcome
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
+from specplug.multimodal import split_model_inputs
 from specplug.sampling import SamplingParams
 from specplug.tree import ChainBuilder
 
@@ -314,7 +315,8 @@ def _stop_fn(prompt_lists: list[list[int]], criteria: Any
 def _run(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
          spec: SpecConfig, sampling: SamplingParams, max_new_tokens: int, eos: list[int],
          pad_token_id: int, stop_criteria: Any, generator: torch.Generator | None,
-         speculator: Speculator | None = None) -> tuple[torch.Tensor, Any]:
+         speculator: Speculator | None = None, model_inputs: dict[str, Any] | None = None
+         ) -> tuple[torch.Tensor, Any]:
     speculator = speculator or Speculator.from_config(spec, model)
     runner = ModelTargetRunner(model, hidden_layers=speculator.drafter.hidden_layers)
     if attention_mask is None:
@@ -324,7 +326,8 @@ def _run(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     stop = _stop_fn(prompts, stop_criteria)
     out = speculative_generate(runner, speculator, input_ids.cpu(), attention_mask.cpu(),
                                max_new_tokens=max_new_tokens, sampling=sampling,
-                               eos_token_ids=eos, stop=stop, generator=generator)
+                               eos_token_ids=eos, stop=stop, generator=generator,
+                               model_inputs=model_inputs)
     width = max(len(s) for s in out.sequences)
     new = torch.full((input_ids.shape[0], width), pad_token_id, dtype=torch.long)
     for b, s in enumerate(out.sequences):
@@ -340,7 +343,10 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """Speculative ``generate`` on specplug's engine; same output as ``model.generate``.
 
     Args:
-        input_ids: ``[B, L]`` left-padded prompt ids; ``attention_mask`` ``[B, L]``.
+        input_ids: ``[B, L]`` left-padded prompt ids; ``attention_mask`` ``[B, L]``. A
+            vision-language model takes its processor's other outputs too (``pixel_values``,
+            ``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``, ...), as its own
+            ``generate`` does: ``generate(model, **processor(...), max_new_tokens=...)``.
         spec: a ``SpecConfig``, a dict, or a method name. Keyword arguments that are not
             generation options are ``SpecConfig`` keys (``method=``,
             ``num_speculative_tokens=``, drafter options).
@@ -356,6 +362,7 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
         if kwargs.get(name):
             raise NotImplementedError(f"{name} is not supported by specplug.hf.generate; it "
                                       "returns the sequences (and GenerationStats)")
+    model_inputs = split_model_inputs(model, kwargs)
     spec_keys = _spec_keys(spec, kwargs)
     spec_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in spec_keys}
     config = speculator.config if speculator is not None else _spec(spec, spec_opts)
@@ -380,7 +387,7 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
         criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (_eos_ids(gc) or [0])[0]
     seqs, stats = _run(model, input_ids, attention_mask, config, sampling, gc.max_new_tokens,
-                       _eos_ids(gc), pad, criteria, generator, speculator)
+                       _eos_ids(gc), pad, criteria, generator, speculator, model_inputs)
     return (seqs, stats) if return_stats else seqs
 
 
@@ -404,8 +411,13 @@ def custom_generate(spec: SpecConfig | dict | str | None = None, **options: Any
         eos = _eos_ids(generation_config)
         pad = generation_config.pad_token_id
         pad = pad if pad is not None else (eos or [0])[0]
-        seqs, _ = _run(model, input_ids, model_kwargs.get("attention_mask"), config, sampling,
-                       max_new, eos, int(pad), stopping_criteria, None)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        model_inputs = split_model_inputs(model, model_kwargs)
+        positions = model_kwargs.get("position_ids")
+        if torch.is_tensor(positions) and positions.dim() == 3:  # M-RoPE, from the images
+            model_inputs["position_ids"] = positions
+        seqs, _ = _run(model, input_ids, attention_mask, config, sampling,
+                       max_new, eos, int(pad), stopping_criteria, None, None, model_inputs)
         return seqs
 
     return _generate

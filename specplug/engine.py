@@ -19,6 +19,7 @@ from specplug.budget import cached_calibration, calibrate
 from specplug.config import SpecConfig
 from specplug.cost import CostModel
 from specplug.drafters.base import DraftContext, Drafter, StepOutcome
+from specplug.multimodal import check_media_inputs, media_token_ids
 from specplug.plugins import get_plugin_manager, get_registry
 from specplug.runner import ModelRunner, RunnerOutput
 from specplug.sampling import SamplingParams, sample_tokens
@@ -44,9 +45,11 @@ class TargetRunner(Protocol):
     vocab_size: int
     max_context: int | None
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RunnerOutput:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                model_inputs: dict[str, Any] | None = None) -> RunnerOutput:
         """Left-padded prompts ``[B, L]`` -> logits ``[B, 1, V]`` at the last position (and,
-        when the runner was asked for them, hidden features ``[B, L, F]``)."""
+        when the runner was asked for them, hidden features ``[B, L, F]``). ``model_inputs``:
+        a vision-language target's image inputs (``pixel_values``, ...)."""
 
     def score(self, roots: torch.Tensor, tree: DraftTree, layout: TreeLayout) -> RunnerOutput:
         """``roots [B]`` (last committed tokens, not yet in the cache) and the tree ->
@@ -66,8 +69,11 @@ class ModelTargetRunner:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_context = getattr(cfg, "max_position_embeddings", None)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RunnerOutput:
-        return self.runner.prefill(input_ids, attention_mask)
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                model_inputs: dict[str, Any] | None = None) -> RunnerOutput:
+        if model_inputs or media_token_ids(self.runner.model):
+            check_media_inputs(self.runner.model, input_ids, attention_mask, model_inputs or {})
+        return self.runner.prefill(input_ids, attention_mask, model_inputs)
 
     def score(self, roots: torch.Tensor, tree: DraftTree, layout: TreeLayout) -> RunnerOutput:
         B = roots.shape[0]
@@ -108,9 +114,11 @@ class ModelTargetRunner:
                "threads": torch.get_num_threads(), "torch": torch.__version__}
 
         def measure() -> CostModel:
-            reps = -(-CALIBRATION_CONTEXT // len(prompt))
-            ids = torch.tensor((prompt * reps)[:CALIBRATION_CONTEXT])[None]
-            self.prefill(ids, torch.ones_like(ids))
+            media = media_token_ids(model)  # text only: the cost of decoding steps
+            text = [t for t in prompt if t not in media] or [0]
+            reps = -(-CALIBRATION_CONTEXT // len(text))
+            ids = torch.tensor((text * reps)[:CALIBRATION_CONTEXT])[None]
+            self.runner.prefill(ids, torch.ones_like(ids))
             root = torch.tensor([int(ids[0, -1])])
 
             def score(n: int) -> float:
@@ -203,6 +211,8 @@ class Speculator:
         drafter = reg.drafter(config.method).from_config(config, target)
         builder = reg.tree_builders[config.tree](config)
         verifier = reg.verifiers[config.acceptance_method]
+        if target is not None:
+            drafter.bind_media(media_token_ids(target))
         observers = [reg.observer(name)(opts, drafter)
                      for name, opts in config.adapt_options.items()]
         return cls(config, drafter, builder, verifier, observers=observers)
@@ -240,6 +250,7 @@ def speculative_generate(
     eos_token_ids: Sequence[int] = (),
     stop: Callable[[int, list[int]], bool] | None = None,
     generator: torch.Generator | None = None,
+    model_inputs: dict[str, Any] | None = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` per row with speculation; output equals the target's
     own decoding (token-identical when greedy, identically distributed when sampling).
@@ -248,6 +259,8 @@ def speculative_generate(
         input_ids: ``[B, L]`` left-padded prompts.
         attention_mask: ``[B, L]`` (1 = real token).
         stop: ``stop(row, new_tokens)`` after each token; True stops the row there.
+        model_inputs: the target's other prefill inputs (a vision-language model's
+            ``pixel_values``, ``image_grid_thw``, ...; ``specplug.multimodal``).
     """
     sampling = sampling or SamplingParams()
     if max_new_tokens < 1:
@@ -279,7 +292,8 @@ def speculative_generate(
         speculator.cost = runner.calibrate_cost(tokens[0])
     t0 = time.perf_counter()
 
-    out = runner.prefill(input_ids, attention_mask)
+    out = runner.prefill(input_ids, attention_mask, model_inputs) if model_inputs \
+        else runner.prefill(input_ids, attention_mask)
     stats.target_forwards += 1
     drafter.start([list(t) for t in tokens])
     for observer in speculator.observers:

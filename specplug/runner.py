@@ -14,7 +14,10 @@ speculative slots, in order, to the end of its committed region and drops the re
 
 Positions follow transformers' conventions with left padding: a token's *virtual index* counts
 the pads before it (what the sliding window compares, as ``generate`` does), and its position id
-does not (``cumsum(attention_mask) - 1``).
+does not (``cumsum(attention_mask) - 1``). Vision-language targets take their image inputs
+(``pixel_values``, ...) at prefill only; Qwen2-VL-style models get 3-D M-RoPE position ids
+(``specplug.multimodal.position_scheme``): the prompt's from the model's own rope index, every
+later token's (tree nodes included) from its index in the row plus the prompt's offset.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from specplug.kernels.kv_compact import compact_kv_layers
+from specplug.multimodal import position_scheme
 
 __all__ = ["ModelRunner", "RunnerOutput", "TreeKVCache"]
 
@@ -119,6 +123,7 @@ class ModelRunner:
         self.hidden_layers = tuple(hidden_layers)
         self.capacity = capacity
         self.device = next(model.parameters()).device
+        self.positions = position_scheme(model)
         self.reset(1)
 
     # --- state ------------------------------------------------------------------------------
@@ -154,12 +159,14 @@ class ModelRunner:
         return out["single"] if self.layer_kinds is None else out
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 mask: torch.Tensor | dict[str, torch.Tensor], logits_to_keep: int = 0
-                 ) -> RunnerOutput:
+                 mask: torch.Tensor | dict[str, torch.Tensor], logits_to_keep: int = 0,
+                 model_inputs: dict[str, Any] | None = None) -> RunnerOutput:
         self.cache.write_at = self.length - input_ids.shape[1]
         kwargs: dict[str, Any] = {}
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
+        for key, value in (model_inputs or {}).items():
+            kwargs[key] = value.to(self.device) if torch.is_tensor(value) else value
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask,
                          position_ids=position_ids.to(self.device), past_key_values=self.cache,
                          use_cache=True, output_hidden_states=bool(self.hidden_layers),
@@ -170,10 +177,14 @@ class ModelRunner:
         return RunnerOutput(logits=out.logits.float(), hidden=hidden)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> RunnerOutput:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                model_inputs: dict[str, Any] | None = None) -> RunnerOutput:
         """Encode left-padded prompts ``[B, L]``; returns the last position's logits
-        ``[B, 1, V]`` (and hidden features of all positions ``[B, L, F]``)."""
+        ``[B, 1, V]`` (and hidden features of all positions ``[B, L, F]``).
+
+        ``model_inputs``: the model's other prefill inputs (a VLM's ``pixel_values``,
+        ``image_grid_thw``, ...), passed to this forward only; a ``position_ids`` entry holds
+        prompt positions ``generate`` already computed (3-D M-RoPE ones are used)."""
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, L, dtype=torch.long)
@@ -189,10 +200,14 @@ class ModelRunner:
         self.pads = (~am).sum(-1)
         self.vlen = torch.full((B,), L, dtype=torch.long)
         self.committed = L
-        pos = (self.vidx - self.pads[:, None]).clamp(min=0)
+        index = (self.vidx - self.pads[:, None]).clamp(min=0)
+        model_inputs = dict(model_inputs or {})
+        pos = self.positions.prefill(self.model, input_ids, attention_mask.cpu(), index,
+                                     model_inputs, model_inputs.pop("position_ids", None))
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         visible = (causal[None] & am[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]
-        return self._forward(input_ids, pos, self._masks(visible, self.vidx, self.vidx), 1)
+        return self._forward(input_ids, pos, self._masks(visible, self.vidx, self.vidx), 1,
+                             model_inputs)
 
     def _extend_ancestry(self, parents: torch.Tensor, real: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,7 +262,7 @@ class ModelRunner:
         committed = self.valid[:, None, : self.committed].expand(B, n, self.committed)
         visible = torch.cat([committed, anc[:, S:, :]], 2)
         visible[:, :, : self.committed] &= real[:, :, None]
-        pos = q_vidx - self.pads[:, None]
+        pos = self.positions.step(q_vidx - self.pads[:, None])
         return self._forward(tokens, pos, self._masks(visible, q_vidx, self.vidx))
 
     @torch.inference_mode()

@@ -23,7 +23,7 @@ def make_net(kind: str, target, seed: int = 0, draft_vocab: int = 64, heads: int
     """A head with random (not identity-like) weights, bound to ``target``."""
     torch.manual_seed(seed)
     cfg = HeadConfig(kind=kind, hidden_size=H, vocab_size=VOCAB, draft_vocab_size=draft_vocab,
-                     num_heads=heads, num_attention_heads=4)
+                     num_heads=heads, num_attention_heads=4, hidden_layers=layers_of(kind))
     vocab = torch.randperm(VOCAB)[:draft_vocab].sort().values
     net = build_net(cfg, vocab)
     with torch.no_grad():
@@ -37,9 +37,15 @@ def llama():
     return tiny_llama(0)
 
 
-def features(model, ids):
+def layers_of(kind: str) -> list[int]:
+    """The target layers a head reads (msd: the last features and the input embeddings)."""
+    return [-1, 0] if kind == "msd" else [-1]
+
+
+def features(model, ids, kind: str = "eagle"):
     with torch.no_grad():
-        return model(ids[None], output_hidden_states=True).hidden_states[-1][0]
+        hs = model(ids[None], output_hidden_states=True).hidden_states
+        return torch.cat([hs[i][0] for i in layers_of(kind)], -1)
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
@@ -48,10 +54,10 @@ def test_drafting_form_matches_training_form(llama, kind):
     the logits the teacher-forced training form gives at that position."""
     net = make_net(kind, llama)
     ids = torch.randint(1, VOCAB, (14,), generator=torch.Generator().manual_seed(3))
-    f = features(llama, ids)
+    f = features(llama, ids, kind)
     with torch.no_grad():
         train = net.train_forward(f[None], ids[None], torch.ones(1, 14, dtype=torch.bool))
-    depths = 1 if kind == "eagle" else 4  # EAGLE feeds back its own features past depth 1
+    depths = 1 if kind in ("eagle", "msd") else 4  # EAGLE feeds back its own features
     t = 8  # the root is ids[t + 1], produced by f[t]
     with torch.no_grad():
         row = net.new_row()
@@ -96,7 +102,7 @@ def test_trained_heads_get_drafts_accepted_and_stay_identical(llama, kind):
     responses = reference_greedy(llama, ids, mask, 40)
     seqs = [Sequence(ids[b][mask[b].bool()].tolist(), r) for b, r in enumerate(responses)]
     examples = [Example(torch.tensor(q.ids), f["features"], f["top_ids"], f["top_probs"])
-                for q, f in zip(seqs, extract_features(llama, seqs, [-1], topk=8))]
+                for q, f in zip(seqs, extract_features(llama, seqs, layers_of(kind), topk=8))]
     net = make_net(kind, llama, draft_vocab=VOCAB, heads=3)
     train_head(net, examples, [], TrainSettings.for_kind(kind, epochs=8, batch_size=4,
                                                          lr=3e-3, warmup=2))

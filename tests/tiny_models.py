@@ -84,3 +84,113 @@ def tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<unk>")
+
+
+# --- vision-language targets ------------------------------------------------------------------
+# weights 10x the default scale: peaked attention and logits, so a token at a wrong position
+# changes the greedy output (at the default scale a random model barely reads positions)
+SHARP = 0.2
+IMAGE_ID = 90  # the image placeholder id of both tiny VLMs (inside the 96-token vocabulary)
+VISION_START, VISION_END = 92, 93  # Qwen2-VL's markers around each image's placeholders
+
+
+def tiny_llava(seed: int = 0, vocab: int = VOCAB):
+    """LLaVA-shaped: a tiny CLIP vision tower (8x8 images, 4x4 patches: 4 placeholder tokens
+    per image), a projector and a Llama language model."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+                       pad_token_id=0, initializer_range=SHARP)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=8, patch_size=4,
+                              projection_dim=16)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
+                      vision_feature_layer=-1, vision_feature_select_strategy="default",
+                      image_seq_length=4)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_qwen2_vl(seed: int = 0, vocab: int = VOCAB):
+    """Qwen2-VL-shaped: M-RoPE (3 position streams) and a tiny vision tower (2x2 patches,
+    2x2 merge: an image of h x w patches gives h*w/4 placeholder tokens)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=0, initializer_range=SHARP,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
+                           patch_size=2, spatial_merge_size=2, temporal_patch_size=2,
+                           in_channels=3),
+        image_token_id=IMAGE_ID, video_token_id=91, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.config.bos_token_id = model.config.eos_token_id = None
+    model.generation_config.bos_token_id = None
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def vlm_prompts(family: str, layouts: list[list[str]], seed: int = 0):
+    """Left-padded multimodal prompts and their image inputs, as a processor would give them.
+
+    ``layouts``: per row, a list of pieces: ``"text:N"`` (N repetitive text tokens) or
+    ``"image"`` (one image; LLaVA: 8x8 pixels = 4 placeholders; Qwen2-VL: a grid of 1x4x4
+    patches = 4 placeholders between the vision markers). Returns ``(ids, mask, inputs)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows, images = [], []
+    for b, layout in enumerate(layouts):
+        row: list[int] = []
+        for piece in layout:
+            if piece == "image":
+                if family == "qwen2_vl":
+                    row += [VISION_START, *[IMAGE_ID] * 4, VISION_END]
+                    images.append(torch.randn(16, 3 * 2 * 2 * 2, generator=g))
+                else:
+                    row += [IMAGE_ID] * 4
+                    images.append(torch.randn(3, 8, 8, generator=g))
+            else:
+                n = int(piece.split(":")[1])
+                motif = torch.randint(3, 88, (3 + b,), generator=g)
+                row += motif.repeat(n // len(motif) + 1)[:n].tolist()
+        rows.append(row)
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):] = torch.tensor(r)
+        mask[b, L - len(r):] = 1
+    inputs: dict = {}
+    if images:
+        if family == "qwen2_vl":
+            inputs["pixel_values"] = torch.cat(images)
+            inputs["image_grid_thw"] = torch.tensor([[1, 4, 4]] * len(images))
+            inputs["mm_token_type_ids"] = (ids == IMAGE_ID).int()
+        else:
+            inputs["pixel_values"] = torch.stack(images)
+    return ids, mask, inputs
+
+
+VLMS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
+
+
+def reference_vlm_greedy(model, ids, mask, inputs, max_new_tokens):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=0, **inputs)
+    return [out[b, ids.shape[1]:].tolist() for b in range(ids.shape[0])]

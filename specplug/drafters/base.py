@@ -136,6 +136,9 @@ class Drafter(ABC):
     default_num_speculative_tokens: ClassVar[int] = 4
     #: False for drafters whose weights are the target's (training them would change it)
     owns_weights: ClassVar[bool] = True
+    #: the target's image/video placeholder token ids (``specplug.multimodal``); set by
+    #: ``bind_media`` when the drafter is built for a vision-language target
+    media_tokens: frozenset[int] = frozenset()
 
     def __init__(self, options: DrafterOptions | None = None):
         self.options = options if options is not None else self.Options()
@@ -149,6 +152,11 @@ class Drafter(ABC):
         """Build from a ``SpecConfig`` (``target``: the target model, for drafters that
         share or inspect it)."""
         return cls(config.drafter_options)
+
+    def bind_media(self, media_tokens: frozenset[int]) -> None:
+        """The target's image placeholder ids. Drafters never propose them; a drafter that
+        cannot handle them raises here (at set-up, with the fix)."""
+        self.media_tokens = frozenset(media_tokens)
 
     def start(self, prompts: list[list[int]]) -> None:  # noqa: B027 - optional hook
         """A new generation begins with these (pad-free) prompts. Resets per-request state."""

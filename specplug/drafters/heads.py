@@ -1,4 +1,4 @@
-"""Trained-head drafters: ``medusa``, ``clover``, ``clover2``, ``eagle``.
+"""Trained-head drafters: ``medusa``, ``clover``, ``clover2``, ``eagle``, ``msd``.
 
 Each loads a head checkpoint (``specplug.heads``), borrows the target's embedding and LM head,
 and reads the target's hidden features, which the engine passes in ``DraftContext`` for the
@@ -114,6 +114,20 @@ class HeadDrafter(Drafter):
                 f"tree's depth) to at most {net.max_depth}")
         return cls(opts, net, target)
 
+    def bind_media(self, media_tokens: frozenset[int]) -> None:
+        super().bind_media(media_tokens)
+        trained = set(self.net.config.media_tokens)
+        if self.kind == "msd" and trained != set(media_tokens):
+            raise ValueError(
+                f"this msd head was trained for image placeholder ids {sorted(trained)} but the "
+                f"target's are {sorted(media_tokens) or 'none (a text-only target)'}; train it "
+                "for this target (specplug train --drafter msd)")
+        embed_rows = int(self.net._target["embed"].weight.shape[0])
+        lacking = sorted(t for t in media_tokens if t >= embed_rows)
+        if lacking:
+            raise ValueError(f"image placeholder ids {lacking} are outside the target's "
+                             f"embedding table ({embed_rows} rows); the head cannot read them")
+
     def start(self, prompts: list[list[int]]) -> None:
         self.rows = [{"net": self.net.new_row(), "feats": torch.zeros(0, 0), "done": 0}
                      for _ in prompts]
@@ -139,8 +153,10 @@ class HeadDrafter(Drafter):
                                    f"(expected {n - 1}: every committed token but the root)")
             done = row["done"]  # positions whose (feature, next token) pair is committed
             if n - 2 > done:
+                extra = {"next_feats": feats[done + 1:n - 1]} \
+                    if self.net.reads_next_features else {}
                 row["net"] = self.net.commit(row["net"], feats[done:n - 2],
-                                             torch.tensor(toks[done + 1:n - 1]))
+                                             torch.tensor(toks[done + 1:n - 1]), **extra)
                 row["done"] = n - 2
             roots.append(_Node(self.net.root_state(row["net"], feats[n - 2]), 1))
         return roots
@@ -224,6 +240,8 @@ def _drafter(kind: str, doc: str) -> type[HeadDrafter]:
 
 
 MedusaDrafter = _drafter("medusa", "Medusa heads: head d proposes the d-th token from f_t.")
+MsdDrafter = _drafter("msd", "MSD: an EAGLE layer that sees image tokens through its own "
+                             "adapter on the target's projected visual features.")
 CloverDrafter = _drafter("clover", "Clover: regressive heads with an attention decoder.")
 Clover2Drafter = _drafter("clover2", "Clover-2: Clover with the Clover-2 changes.")
 EagleDrafter = _drafter("eagle", "EAGLE: a one-layer feature-level autoregressive drafter.")
@@ -231,5 +249,5 @@ EagleDrafter = _drafter("eagle", "EAGLE: a one-layer feature-level autoregressiv
 
 @hookimpl
 def specplug_register_drafters(register):
-    for cls in (MedusaDrafter, CloverDrafter, Clover2Drafter, EagleDrafter):
+    for cls in (MedusaDrafter, CloverDrafter, Clover2Drafter, EagleDrafter, MsdDrafter):
         register(cls)

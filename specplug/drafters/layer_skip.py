@@ -32,12 +32,24 @@ class LayerSkipOptions(DrafterOptions):
         return v
 
 
+def _decoder_path(model: Any) -> list[str]:
+    """Attribute path to the module that holds the decoder ``layers``: ``model.model`` for a
+    causal LM, ``model.model.language_model`` for a vision-language model (LLaVA, Qwen2-VL)."""
+    for path in (["model"], ["model", "language_model"]):
+        module = model
+        for name in path:
+            module = getattr(module, name, None)
+        if module is not None and isinstance(getattr(module, "layers", None), torch.nn.ModuleList):
+            return path
+    raise ValueError(f"layer_skip needs a decoder-only model with model.model.layers (or "
+                     f"model.model.language_model.layers); {type(model).__name__} has none")
+
+
 def _decoder(model: Any) -> Any:
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers"):
-        raise ValueError(f"layer_skip needs a decoder-only model with model.model.layers; "
-                         f"{type(model).__name__} has none")
-    return inner
+    module = model
+    for name in _decoder_path(model):
+        module = getattr(module, name)
+    return module
 
 
 def select_layers(num_layers: int, layers: int | list[int] | None) -> list[int]:
@@ -59,20 +71,26 @@ def select_layers(num_layers: int, layers: int | list[int] | None) -> list[int]:
 
 def truncated_view(model: Any, layer_ids: list[int]) -> Any:
     """A shallow view of ``model`` that runs only ``layer_ids`` (weights shared, not copied)."""
-    inner = _decoder(model)
+    path = _decoder_path(model)
     cfg = copy.deepcopy(model.config)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     text.num_hidden_layers = len(layer_ids)
     if getattr(text, "layer_types", None):
         text.layer_types = [text.layer_types[i] for i in layer_ids]
-    view_inner = copy.copy(inner)
-    view_inner._modules = dict(inner._modules)
-    view_inner._modules["layers"] = torch.nn.ModuleList([inner.layers[i] for i in layer_ids])
-    view_inner.config = text
     view = copy.copy(model)
     view._modules = dict(model._modules)
-    view._modules["model"] = view_inner
     view.config = cfg
+    parent, original = view, model
+    for depth, name in enumerate(path):  # shallow-copy every module on the path
+        original = original._modules[name]
+        copied = copy.copy(original)
+        copied._modules = dict(original._modules)
+        parent._modules[name] = copied
+        if depth == len(path) - 1:
+            copied._modules["layers"] = torch.nn.ModuleList(
+                [original.layers[i] for i in layer_ids])
+            copied.config = text
+        parent = copied
     return view
 
 

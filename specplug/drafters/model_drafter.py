@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem, StepOutcome
 from specplug.kernels.softmax_topk import softmax_topk
+from specplug.multimodal import TextView
 from specplug.runner import ModelRunner
 from specplug.sampling import SamplingParams, check_finite, probs_from_logits
 
@@ -26,12 +27,21 @@ ADAPTIVE = ("size each step's draft (chain length, tree nodes) by the draft mode
             "configured depth / budget")
 
 
-def check_vocab(draft_vocab: int, target_vocab: int, what: str) -> None:
-    if draft_vocab != target_vocab:
-        raise ValueError(
-            f"vocabulary mismatch: {what} has {draft_vocab} output tokens but the target has "
-            f"{target_vocab}; a drafter must share the target's tokenizer and vocabulary"
-        )
+def check_vocab(draft_vocab: int, target_vocab: int, what: str,
+                media: frozenset[int] = frozenset()) -> None:
+    """Equal vocabularies, or (a vision-language target) the target's is the draft's with ids
+    appended from the first image placeholder on (LLaVA appends ``<image>`` and padding to its
+    language model's vocabulary): the draft then proposes text ids only."""
+    if draft_vocab == target_vocab:
+        return
+    if media and draft_vocab < target_vocab and min(media) == draft_vocab:
+        return
+    extra = (f" (this vision-language target's image placeholders start at id {min(media)}; "
+             "a text-only draft may lack exactly the ids from there on)") if media else ""
+    raise ValueError(
+        f"vocabulary mismatch: {what} has {draft_vocab} output tokens but the target has "
+        f"{target_vocab}{extra}; a drafter must share the target's tokenizer and vocabulary"
+    )
 
 
 def output_vocab(model: Any) -> int:
@@ -71,21 +81,56 @@ def with_output_adapter(model: Any, adapter: torch.nn.Module) -> Any:
 
 
 class ModelDrafter(Drafter):
-    """Base of ``draft_model`` and ``layer_skip``; subclasses provide ``self.model``."""
+    """Base of ``draft_model`` and ``layer_skip``; subclasses provide ``self.model``.
+
+    With a vision-language target the drafter never proposes an image placeholder; a drafter
+    with ``text_only`` sees each row through a ``TextView`` (image spans removed or replaced by
+    a marker), so its cache holds its own consistent positions. ``target_vocab``: the target's
+    output vocabulary when larger than the draft's (distributions are padded with zeros)."""
 
     probabilistic = True
+    text_only = False
 
-    def __init__(self, options: Any, model: Any, capacity: int = 1024):
+    def __init__(self, options: Any, model: Any, capacity: int = 1024,
+                 target_vocab: int | None = None):
         super().__init__(options)
         self.model = model
         self.runner = ModelRunner(model, capacity=capacity)
         self.sampling = SamplingParams()
-        self.cached: list[int] = []
+        self.cached: list[int] = []  # per row: target tokens consumed (through the view)
         self.started = False
+        self.target_vocab = target_vocab
+        self.view: TextView | None = None
+        self._media_ids: torch.Tensor | None = None
+
+    def image_marker(self) -> tuple[int, ...]:
+        """Tokens a text-only drafter sees in place of each image span (none: removed)."""
+        return ()
+
+    def bind_media(self, media_tokens: frozenset[int]) -> None:
+        super().bind_media(media_tokens)
+        vocab = output_vocab(self.model)
+        if self.text_only and media_tokens:
+            marker = self.image_marker()
+            lacking = [t for t in marker if not 0 <= t < vocab]
+            if lacking:
+                raise ValueError(
+                    f"image_marker ids {lacking} are not in the draft model's vocabulary "
+                    f"(0..{vocab - 1}); pick marker tokens its tokenizer has, or [] to remove "
+                    "image spans")
+            self.view = TextView(self.media_tokens, marker, vocab)
+        inside = sorted(t for t in media_tokens if t < vocab)
+        self._media_ids = torch.tensor(inside, dtype=torch.long) if inside else None
 
     def start(self, prompts: list[list[int]]) -> None:
         self.started = False
         self.cached = [0] * len(prompts)
+        if self.view is not None:
+            self.view.start(len(prompts))
+
+    def _seen(self, row: int, tokens: list[int]) -> list[int]:
+        """What the draft model is fed for these new target tokens of ``row``."""
+        return tokens if self.view is None else self.view.feed(row, tokens)
 
     def begin(self, ctx: DraftContext) -> list[Any]:
         self.sampling = ctx.sampling
@@ -93,10 +138,14 @@ class ModelDrafter(Drafter):
         if self.output_adapter is not None:
             self.output_adapter.slot = self.adapter_slots
         if not self.started:
-            L = max(len(t) for t in ctx.tokens)
+            if self.view is not None:
+                self.view.start(B)
+            # a prompt of nothing but images leaves a text-only draft one dummy token
+            seen = [self._seen(b, t) or [0] for b, t in enumerate(ctx.tokens)]
+            L = max(len(t) for t in seen)
             ids = torch.zeros(B, L, dtype=torch.long)
             mask = torch.zeros(B, L, dtype=torch.long)
-            for b, t in enumerate(ctx.tokens):
+            for b, t in enumerate(seen):
                 ids[b, L - len(t):] = torch.tensor(t)
                 mask[b, L - len(t):] = 1
             self.root_logits = self.runner.prefill(ids, mask).logits[:, -1]
@@ -104,17 +153,31 @@ class ModelDrafter(Drafter):
             self.cached = [len(t) for t in ctx.tokens]
             self.started = True
         else:
-            pending = [t[c:] for t, c in zip(ctx.tokens, self.cached)]
-            out = self.runner.extend(pending)
-            last = torch.tensor([max(len(p) - 1, 0) for p in pending])
-            self.root_logits = out.logits[torch.arange(B), last]
+            pending = [self._seen(b, t[c:]) for b, (t, c) in
+                       enumerate(zip(ctx.tokens, self.cached))]
+            # a row whose new tokens a text view removed (the target chose an image
+            # placeholder) keeps the logits after the last token its draft saw
+            root_logits = self.last_logits.clone()
+            if any(pending):
+                out = self.runner.extend(pending)
+                fed = torch.tensor([bool(p) for p in pending])
+                last = torch.tensor([max(len(p) - 1, 0) for p in pending])
+                root_logits[fed] = out.logits[torch.arange(B), last][fed]
+            self.root_logits = root_logits
             check_finite(self.root_logits, f"the {self.name!r} drafter")
-            self.cached = [c + len(p) for c, p in zip(self.cached, pending)]
+            self.cached = [len(t) for t in ctx.tokens]
+        self.last_logits = self.root_logits
+        self.slot_logits: list[dict[int, torch.Tensor]] = [{} for _ in range(B)]
         self.child_slot: list[dict[tuple[int, int], int]] = [{} for _ in range(B)]
         self.spec_size = 0
         return [_ROOT] * B
 
     def _candidates(self, logits: torch.Tensor, k: int, handle: int) -> Candidates:
+        if self._media_ids is not None:  # never propose an image placeholder
+            logits = logits.index_fill(0, self._media_ids, float("-inf"))
+        if self.target_vocab is not None and self.target_vocab > logits.shape[-1]:
+            logits = F.pad(logits, (0, self.target_vocab - logits.shape[-1]),
+                           value=float("-inf"))
         k = min(k, logits.shape[-1])
         if self.sampling.greedy:  # fused: the [V] distribution is never written
             probs, tokens = softmax_topk(logits[None], k)
@@ -152,6 +215,7 @@ class ModelDrafter(Drafter):
                     continue
                 slot = slots + j
                 self.child_slot[b][(it.handle, it.token)] = slot
+                self.slot_logits[b][slot] = logits[b, j]
                 cands.append(self._candidates(logits[b, j], k, slot))
                 j += 1
             out.append(cands)
@@ -175,6 +239,15 @@ class ModelDrafter(Drafter):
             idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         self.runner.commit(idx, torch.tensor([len(p) for p in keep], dtype=torch.long))
         self.cached = [c + len(p) for c, p in zip(self.cached, keep)]
+        ends = [b for b, p in enumerate(keep) if p]
+        if ends:
+            self.last_logits = self.last_logits.clone()
+            for b in ends:
+                self.last_logits[b] = self.slot_logits[b][keep[b][-1]]
+        if self.view is not None:  # accepted drafts are text: any image span has ended
+            for b, p in enumerate(keep):
+                if p:
+                    self.view.inside[b] = False
 
     # --- test-time training (specplug.adapt.test_time) ------------------------------------
     def online_width(self) -> int:

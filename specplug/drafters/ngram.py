@@ -90,18 +90,26 @@ class _Trie:
 
 
 class _RowIndex:
-    """n-gram -> continuation start positions, for one row, grown incrementally."""
+    """n-gram -> continuation start positions, for one row, grown incrementally. n-grams that
+    hold a ``media`` token (an image placeholder) are never indexed, nor are continuations that
+    start with one: lookup never matches across an image."""
 
-    def __init__(self, nmin: int, nmax: int):
-        self.nmin, self.nmax = nmin, nmax
+    def __init__(self, nmin: int, nmax: int, media: frozenset[int] = frozenset()):
+        self.nmin, self.nmax, self.media = nmin, nmax, media
         self.tables: dict[int, dict[tuple[int, ...], list[int]]] = {
             n: {} for n in range(nmin, nmax + 1)}
         self.upto = 0
+        self.last_media = -1  # index of the latest media token before ``upto``
 
     def extend(self, tokens: list[int]) -> None:
+        media = self.media
         for t in range(max(self.upto, 1), len(tokens)):
+            if tokens[t - 1] in media:
+                self.last_media = t - 1
+            if tokens[t] in media:
+                continue
             for n, table in self.tables.items():
-                if t - n >= 0:
+                if t - n > self.last_media and t - n >= 0:
                     table.setdefault(tuple(tokens[t - n:t]), []).append(t)
         self.upto = len(tokens)
 
@@ -116,13 +124,39 @@ class _RowIndex:
         return 0, []
 
 
-def context_length(tokens: list[int], start: int, cap: int = MAX_CONTEXT) -> int:
+def context_length(tokens: list[int], start: int, cap: int = MAX_CONTEXT,
+                   media: frozenset[int] = frozenset()) -> int:
     """How many tokens before ``start`` equal the last tokens of ``tokens`` (at most ``cap``;
-    ``MAX_CONTEXT``: how far back an occurrence's matching context is measured)."""
+    ``MAX_CONTEXT``: how far back an occurrence's matching context is measured), stopping at a
+    ``media`` token (two images' placeholders are equal ids, not equal context)."""
     n, end = 0, len(tokens)
-    while n < cap and n < start and tokens[start - 1 - n] == tokens[end - 1 - n]:
+    while n < cap and n < start and tokens[start - 1 - n] == tokens[end - 1 - n] \
+            and tokens[start - 1 - n] not in media:
         n += 1
     return n
+
+
+def text_before_media(seq: list[int], media: frozenset[int]) -> list[int]:
+    """``seq`` up to its first ``media`` token (a draft never proposes an image)."""
+    if media:
+        for i, t in enumerate(seq):
+            if t in media:
+                return seq[:i]
+    return seq
+
+
+def text_segments(seq: list[int], media: frozenset[int]) -> list[list[int]]:
+    """The maximal runs of ``seq`` without ``media`` tokens."""
+    if not media:
+        return [seq]
+    out: list[list[int]] = [[]]
+    for t in seq:
+        if t in media:
+            if out[-1]:
+                out.append([])
+        else:
+            out[-1].append(t)
+    return [s for s in out if s]
 
 
 def _context_bucket(n: int) -> int:
@@ -197,10 +231,12 @@ class NgramDrafter(Drafter):
                 n = len(seq)
                 if n and not any(len(p) >= n and p[n - 1] == seq[-1] and p[:n] == seq
                                  for p in prompts):
-                    self.cache.add(seq)
+                    for text in text_segments(seq, self.media_tokens):
+                        self.cache.add(text)
             self.history = list(prompts)
         o = self.options
-        self.rows = [_RowIndex(o.prompt_lookup_min, o.prompt_lookup_max) for _ in prompts]
+        self.rows = [_RowIndex(o.prompt_lookup_min, o.prompt_lookup_max, self.media_tokens)
+                     for _ in prompts]
         self.acceptance.request = {}
 
     def begin(self, ctx: DraftContext) -> list[Any]:
@@ -238,11 +274,14 @@ class NgramDrafter(Drafter):
         row's own text, or from the suffix cache when it has a longer n-gram."""
         depth, mm = self.max_depth, self.options.max_matches
         n, starts = row.lookup(toks, mm)
+        media = self.media_tokens
         if self.cache is not None and n < self.options.prompt_lookup_max:
+            # the cache holds text only (``text_segments``): no key or continuation with media
             n_cache, cached = self.cache.lookup(toks, mm, depth, longer_than=n)
             if n_cache:
                 return cached, CACHE_KIND
-        return [(context_length(toks, s), toks[s:s + depth]) for s in starts], 0
+        return [(context_length(toks, s, media=media),
+                 text_before_media(toks[s:s + depth], media)) for s in starts], 0
 
     def observe(self, outcome: StepOutcome) -> None:
         if self.cache is not None:

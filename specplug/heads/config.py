@@ -8,14 +8,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["HeadConfig", "HEAD_KINDS"]
 
-HEAD_KINDS = ("medusa", "clover", "clover2", "eagle")
+HEAD_KINDS = ("medusa", "clover", "clover2", "eagle", "msd")
 
 
 class HeadConfig(BaseModel):
     """Shape and wiring of a trained head.
 
     Attributes:
-        kind: ``medusa`` | ``clover`` | ``clover2`` | ``eagle``.
+        kind: ``medusa`` | ``clover`` | ``clover2`` | ``eagle`` | ``msd``.
         hidden_size: the target's hidden size ``H``.
         vocab_size: the target's vocabulary ``V`` (checked against the target at load).
         draft_vocab_size: ``Vd``, the number of token ids the head can propose (the ids are in
@@ -33,13 +33,15 @@ class HeadConfig(BaseModel):
             LM head reads).
         rope_theta: rotary base of the head's own attention.
         target: the target model's name, for messages.
+        media_tokens: the target's image placeholder ids (``msd``: where its visual adapter
+            replaces the token embedding; checked against the target at load).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["specplug-head"] = "specplug-head"
     version: int = 1
-    kind: Literal["medusa", "clover", "clover2", "eagle"]
+    kind: Literal["medusa", "clover", "clover2", "eagle", "msd"]
     hidden_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
     draft_vocab_size: int = Field(gt=0)
@@ -55,6 +57,7 @@ class HeadConfig(BaseModel):
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     target: str | None = None
+    media_tokens: list[int] = Field(default_factory=list)
 
     @property
     def feature_size(self) -> int:

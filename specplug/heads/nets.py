@@ -25,7 +25,7 @@ from torch import nn
 from specplug.heads.config import HeadConfig
 from specplug.heads.layers import Attention, DecoderLayer, ResAttention, ResBlock, RMSNorm
 
-__all__ = ["DraftNet", "MedusaNet", "EagleNet", "CloverNet", "Clover2Net", "build_net"]
+__all__ = ["DraftNet", "MedusaNet", "EagleNet", "CloverNet", "Clover2Net", "MsdNet", "build_net"]
 
 
 class DraftNet(nn.Module):
@@ -81,6 +81,14 @@ class DraftNet(nn.Module):
         self._target["adapter"] = adapter
 
     def feature_in(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats
+
+    #: True when ``commit`` also wants the features of the positions of ``tokens``
+    #: (``next_feats``), not only those before them
+    reads_next_features = False
+
+    def regression_target(self, feats: torch.Tensor) -> torch.Tensor:
+        """What predicted features regress onto, from the target features ``[..., F]``."""
         return feats
 
     # --- training ---------------------------------------------------------------------------
@@ -391,7 +399,67 @@ class Clover2Net(DraftNet):
         return self.logits(o), list(s)
 
 
+class MsdNet(EagleNet):
+    """MSD (Lin et al. 2025, "Speculative Decoding Reimagined for Multimodal LLMs"): an EAGLE
+    layer that handles text and visual tokens apart. It reads two target layers
+    (``hidden_layers = [-1, 0]``): the last features ``f`` and the input embeddings ``v``, which
+    at image placeholders are the target's *projected visual features*. A text token enters as
+    ``fc([e(x_{t+1}); f_t])`` (EAGLE); an image token as ``fc([visual(v_{t+1}); f_t])``, with
+    ``visual`` a small adapter of its own, so the head processes text as a language model and
+    sees the image through its own adapter. Training is two-stage (``specplug train
+    --drafter msd``): text-only data first, then multimodal data (adapter included)."""
+
+    kind = "msd"
+    reads_next_features = True
+
+    def __init__(self, config: HeadConfig, draft_vocab: torch.Tensor | None = None):
+        super().__init__(config, draft_vocab)
+        H = config.hidden_size
+        if list(config.hidden_layers) != [-1, 0]:
+            raise ValueError(f"an msd head reads hidden_layers [-1, 0] (the last features and "
+                             f"the input embeddings), not {config.hidden_layers}")
+        self.fc = nn.Linear(2 * H, H, bias=config.fc_bias)
+        self.visual = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, H))
+        self.register_buffer("media", torch.tensor(sorted(config.media_tokens), dtype=torch.long))
+
+    def regression_target(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats[..., : self.config.hidden_size]
+
+    def _inputs(self, tokens: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings ``[..., H]``: the token's, or the adapted visual feature
+        (``visual [..., H]``: the target's input embeddings there) at image placeholders."""
+        e = self.embed(tokens)
+        if visual is None or self.media.numel() == 0:
+            return e
+        is_media = torch.isin(tokens, self.media)
+        if not bool(is_media.any()):
+            return e
+        return torch.where(is_media[..., None], self.visual(visual.float()), e)
+
+    def _z(self, tokens: torch.Tensor, feats: torch.Tensor,
+           visual: torch.Tensor | None = None) -> torch.Tensor:
+        H = self.config.hidden_size
+        return self.fc(torch.cat([self._inputs(tokens, visual), feats[..., :H]], -1))
+
+    def train_forward(self, feats, tokens, valid):
+        B, T, _ = feats.shape
+        H = self.config.hidden_size
+        z = self._z(tokens[:, 1:], feats[:, :-1], feats[:, 1:, H:])
+        pos = torch.arange(T - 1, device=feats.device).expand(B, -1)
+        g = self.layer.causal(z, pos, valid[:, 1:])
+        return {"logits": [self.logits(g)], "features": g}
+
+    def commit(self, row, feats, tokens, next_feats=None):
+        if not len(feats):
+            return row
+        visual = None if next_feats is None else next_feats[:, self.config.hidden_size:]
+        return _append_pairs(row, self.layer, self._z(tokens, feats, visual))
+
+    def root_state(self, row, feat):
+        return super().root_state(row, feat[: self.config.hidden_size])
+
+
 def build_net(config: HeadConfig, draft_vocab: torch.Tensor | None = None) -> DraftNet:
     nets = {"medusa": MedusaNet, "eagle": EagleNet, "clover": CloverNet,
-            "clover2": Clover2Net}
+            "clover2": Clover2Net, "msd": MsdNet}
     return nets[config.kind](config, draft_vocab)

@@ -47,13 +47,15 @@ class TrainSettings:
     def for_kind(cls, kind: str, **overrides: Any) -> TrainSettings:
         """Per-kind defaults from the papers: Medusa and Clover hard labels with decaying depth
         weights; Clover-2 distillation (soft CE) + 10 x feature regression, decay 0.7; EAGLE
-        feature regression + 0.1 x soft CE with input noise."""
+        feature regression + 0.1 x soft CE with input noise (MSD the same)."""
         base: dict[str, Any] = {
             "medusa": {},
             "clover": {},
             "clover2": {"decay": 0.7, "hard_weight": 0.0, "kd_weight": 1.0, "reg_weight": 10.0},
             "eagle": {"hard_weight": 0.0, "kd_weight": 0.1, "reg_weight": 1.0,
                       "feature_noise": 0.05},
+            "msd": {"hard_weight": 0.0, "kd_weight": 0.1, "reg_weight": 1.0,
+                    "feature_noise": 0.05},  # EAGLE's recipe (MSD trains an EAGLE layer)
         }[kind]
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
@@ -153,7 +155,8 @@ def head_loss(net: DraftNet, batch: dict[str, torch.Tensor], settings: TrainSett
         if settings.reg_weight:
             pred = out.get("features") if "features" in out else out.get("outputs", [None])[d - 1]
             if pred is not None:
-                tgt = batch["features"][:, d:d + n]  # the target's feature at t + d
+                # the target's feature at t + d
+                tgt = net.regression_target(batch["features"])[:, d:d + n]
                 reg = F.smooth_l1_loss(pred[:, :n], tgt, reduction="none").mean(-1)
                 loss = loss + settings.reg_weight * reg[ok].mean()
         total = total + w * loss
