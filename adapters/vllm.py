@@ -173,8 +173,11 @@ class SpecplugProposer:
         k = vllm_config.speculative_config.num_speculative_tokens
         self.config = spec_config_from(options, k)
         model_config = vllm_config.model_config
+        from specplug.multimodal import media_token_ids
+
         self.chains = ChainProposer(self.config, vocab_size=model_config.get_vocab_size(),
-                                    max_context=model_config.max_model_len)
+                                    max_context=model_config.max_model_len,
+                                    media_tokens=media_token_ids(model_config.hf_config))
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """vLLM hands over its target module; specplug's token drafters do not need it (their

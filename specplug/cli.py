@@ -192,9 +192,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings.for_kind(args.drafter, epochs=args.epochs, lr=args.lr,
                                       batch_size=args.batch_size)
     command = "specplug " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    stage2 = None
+    if args.image_data:
+        stage2 = TrainSettings.for_kind(args.drafter, epochs=args.stage2_epochs, lr=args.lr,
+                                        batch_size=args.batch_size)
     report = train(args.model, args.drafter, args.out, data=data, settings=settings,
                    num_heads=args.num_heads, draft_vocab_size=args.draft_vocab,
-                   cache=args.cache, progress=not args.no_progress, command=command)
+                   cache=args.cache, progress=not args.no_progress, command=command,
+                   image_data=args.image_data, stage2_settings=stage2, init=args.init)
     h = report["heldout"]
     print(f"{args.drafter} head for {args.model}: {args.out}")
     for d in h.get("top1", {}):
@@ -256,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a draft head by self-distillation from the target")
     t.add_argument("--model", default="smollm2-135m")
-    t.add_argument("--drafter", required=True, help="medusa | clover | clover2 | eagle")
+    t.add_argument("--drafter", required=True,
+                   help="medusa | clover | clover2 | eagle | msd (vision-language targets)")
     t.add_argument("--data", action="append", default=None, metavar="FILE",
                    help="extra prompts: JSONL (instruction/prompt/text/turns) or one per line")
     t.add_argument("--no-seed-tasks", action="store_true",
@@ -272,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-heads", type=int, default=4, help="draft depth the head is trained for")
     t.add_argument("--draft-vocab", type=int, default=8192,
                    help="ids the head may propose (most frequent in the training data)")
+    t.add_argument("--image-data", default=None, metavar="FILE",
+                   help="msd: JSONL of {\"image\": PATH, \"prompt\": TEXT}; trains a second, "
+                        "multimodal stage after the text-only one")
+    t.add_argument("--stage2-epochs", type=int, default=None,
+                   help="epochs of the multimodal stage (default: as --epochs)")
+    t.add_argument("--init", default=None, metavar="HEAD",
+                   help="start from a trained head (an eagle head gives msd its text stage)")
     t.add_argument("--cache", default=None, help="folder for the generated data (reused)")
     t.add_argument("--out", required=True, help="checkpoint folder (resumes if it holds a "
                                                 "training state)")

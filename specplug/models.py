@@ -65,6 +65,7 @@ __all__ = [
     "encode_conversation",
     "encode_prompt",
     "load_model",
+    "load_processor",
     "locate_gguf",
     "model_cache_dir",
     "resolve_model_dir",
@@ -487,10 +488,14 @@ def load_model(
     """
     folder = resolve_model_dir(name_or_path)
     _set_offline_env()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
+    auto: Any = AutoModelForCausalLM
+    if getattr(AutoConfig.from_pretrained(folder, local_files_only=True), "vision_config",
+               None) is not None:  # a vision-language model (LLaVA, Qwen2-VL, ...)
+        from transformers import AutoModelForImageTextToText as auto
+    model = auto.from_pretrained(
         folder,
         dtype=dtype,
         attn_implementation=attn_implementation,
@@ -506,6 +511,22 @@ def load_model(
             overrides,
         )
     return model, tokenizer
+
+
+def load_processor(name_or_path: str | os.PathLike[str]) -> Any:
+    """The processor (image preprocessing + tokenizer) of a vision-language model folder.
+
+    Raises:
+        ValueError: the folder has no processor (a text-only model).
+    """
+    folder = resolve_model_dir(name_or_path)
+    _set_offline_env()
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    if not hasattr(processor, "image_processor"):
+        raise ValueError(f"{folder} has no image processor: not a vision-language model")
+    return processor
 
 
 # --------------------------------------------------------------------------- prompt encoding

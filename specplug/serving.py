@@ -65,10 +65,12 @@ class ChainProposer:
         max_context: the target's context length; chains never run past it.
         target: the target model when the drafter may inspect it (None in engines whose
             model is not an HF module).
+        media_tokens: a vision-language target's image placeholder ids (drafters never match
+            or propose them; a text-only draft model never sees them).
     """
 
     def __init__(self, config: SpecConfig, vocab_size: int, max_context: int | None = None,
-                 target: Any = None):
+                 target: Any = None, media_tokens: frozenset[int] = frozenset()):
         if config.tree != "chain":
             raise ValueError(f"this engine verifies chains only (tree={config.tree!r}); use "
                              "tree='chain' (token trees need specplug.hf.generate)")
@@ -86,12 +88,15 @@ class ChainProposer:
             check_token_only(config.method)
         self.speculator = Speculator.from_config(config, target)
         self.drafter = self.speculator.drafter
+        if media_tokens and target is None:
+            self.drafter.bind_media(frozenset(media_tokens))
         if self.drafter.hidden_layers:  # no engine here passes target_hidden
             raise ValueError(f"drafter {config.method!r} reads the target's hidden states, "
                              "which this engine does not pass to specplug")
         model = getattr(self.drafter, "model", None)
         if model is not None and hasattr(model, "get_output_embeddings"):
-            check_vocab(output_vocab(model), self.vocab_size, f"the {config.method!r} model")
+            check_vocab(output_vocab(model), self.vocab_size, f"the {config.method!r} model",
+                        frozenset(media_tokens))
         self.k = int(config.num_speculative_tokens)
         self.builder = ChainBuilder(self.k)
         self.sampling = SamplingParams()  # greedy chains: see the module docstring

@@ -314,3 +314,30 @@ def test_msd_head_for_other_image_tokens(vlm):
     net.config = net.config.model_copy(update={"media_tokens": [IMAGE_ID + 1]})
     with pytest.raises(ValueError, match="msd head was trained for image placeholder ids"):
         Speculator.from_config(SpecConfig(method="msd", checkpoint=net), model)
+
+
+def test_serving_chains_never_cross_images():
+    """The engine seam (vLLM's custom_class) hands specplug token ids only; with the target's
+    image placeholder ids bound, n-gram chains stop before an image and a text-only draft
+    model never sees one."""
+    from specplug.serving import ChainProposer
+
+    ngram = ChainProposer(SpecConfig(method="ngram", num_speculative_tokens=4, adaptive=False),
+                          vocab_size=VOCAB, media_tokens=frozenset({IMAGE_ID}))
+    hist = [10, 11, 12, IMAGE_ID, IMAGE_ID, 13, 10, 11, 12]
+    assert ngram.propose([hist], [[12]]) == [[]]  # "10 11 12" was followed by an image
+    hist2 = [10, 11, 12, 14, 15, IMAGE_ID, 10, 11, 12]
+    assert ngram.propose([hist2], [[12]]) == [[14, 15]]  # the chain ends at the image
+    draft = tiny_llama(1)
+    seen = []
+    hook = draft.model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: seen.append(args[0].clone()))
+    try:
+        chains = ChainProposer(SpecConfig(method="draft_model", model=draft,
+                                          num_speculative_tokens=3, adaptive=False),
+                               vocab_size=VOCAB, media_tokens=frozenset({IMAGE_ID}))
+        out = chains.propose([hist], [[12]])
+    finally:
+        hook.remove()
+    assert len(out[0]) == 3 and IMAGE_ID not in out[0]
+    assert seen and all(not bool((s == IMAGE_ID).any()) for s in seen)

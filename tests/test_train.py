@@ -17,6 +17,7 @@ from tiny_models import (
     tiny_tokenizer,
 )
 
+import specplug.hf as sh
 from specplug.cli import main
 from specplug.heads.config import HeadConfig
 from specplug.heads.nets import build_net
@@ -127,3 +128,63 @@ def test_specplug_train_end_to_end(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["identical"] is True
     rc = main(["train", "--model", str(folder), "--drafter", "ngram", "--out", str(out)])
     assert rc == 2  # not a trainable head: a clear error, not a traceback
+
+
+def test_specplug_train_msd_two_stages_on_a_vlm(tmp_path):
+    """``specplug train --drafter msd`` on a tiny LLaVA folder (model + processor): a text-only
+    stage from prompts, then a multimodal stage from image prompts (the target answers with the
+    image), starting from an eagle head; the head records the target's image placeholder and
+    keeps the output identical on image prompts."""
+    from PIL import Image
+    from tiny_models import IMAGE_ID, reference_vlm_greedy, tiny_llava, vlm_prompts
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    folder = tmp_path / "tiny-llava"
+    model = tiny_llava(0)
+    model.save_pretrained(folder)
+    tok = tiny_tokenizer()
+    image_token = tok.convert_ids_to_tokens(IMAGE_ID)
+    tok.add_special_tokens({"additional_special_tokens": [image_token]})  # split out, id kept
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 8},
+                                                      crop_size={"height": 8, "width": 8}),
+                   tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+                   image_token=image_token, num_additional_image_tokens=1
+                   ).save_pretrained(folder)
+    rng = random.Random(0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(rng.choice(WORDS[:12]) for _ in range(8))
+                                 for _ in range(10)) + "\n")
+    lines = []
+    for i in range(6):
+        pixels = (torch.rand(8, 8, 3, generator=torch.Generator().manual_seed(i)) * 255)
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(tmp_path / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png",
+                                 "prompt": " ".join(rng.choice(WORDS[:12]) for _ in range(5))}))
+    images = tmp_path / "images.jsonl"
+    images.write_text("\n".join(lines) + "\n")
+    eagle = tmp_path / "eagle"
+    common = ["--model", str(folder), "--data", str(prompts), "--no-seed-tasks", "--expand", "0",
+              "--max-new-tokens", "10", "--epochs", "1", "--num-heads", "3", "--draft-vocab",
+              "64", "--cache", str(tmp_path / "cache"), "--no-progress"]
+    assert main(["train", "--drafter", "eagle", *common, "--out", str(eagle)]) == 0
+    out = tmp_path / "msd"
+    assert main(["train", "--drafter", "msd", *common, "--image-data", str(images),
+                 "--stage2-epochs", "2", "--init", str(eagle), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["media_tokens"] == [IMAGE_ID]
+    assert report["config"]["hidden_layers"] == [-1, 0]
+    assert set(report["stages"]) == {"text", "multimodal"}
+    assert report["stages"]["multimodal"]["examples"] >= 5
+    assert "acceptance_on_image_prompts" in report["stages"]["multimodal"]
+    from specplug.heads.checkpoint import load_head
+
+    head = load_head(out)
+    assert IMAGE_ID not in head.draft_vocab.tolist()  # never proposes a placeholder
+    ids, mask, inputs = vlm_prompts("llava", [["text:4", "image", "text:5"]])
+    got = sh.generate(model, ids, mask, max_new_tokens=12, method="msd", checkpoint=str(out),
+                      num_speculative_tokens=3, **inputs)
+    assert got[0, ids.shape[1]:].tolist() == reference_vlm_greedy(model, ids, mask, inputs,
+                                                                   12)[0]
+    # an image-prompt file for a head that reads no images is refused
+    assert main(["train", "--drafter", "eagle", *common, "--image-data", str(images),
+                 "--out", str(tmp_path / "bad")]) == 2

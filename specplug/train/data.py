@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 __all__ = ["SEED_TASKS", "Sequence", "load_prompts", "expand_prompts", "generate_responses",
-           "extract_features"]
+           "extract_features", "load_image_prompts", "image_prompt_text", "multimodal_examples"]
 
 SEED_TASKS = Path(__file__).resolve().parent / "data" / "seed_tasks.jsonl"
 
@@ -176,6 +176,96 @@ def extract_features(model: Any, sequences: list[Sequence], hidden_layers: list[
             out.append({"features": feats[r, :n].to(torch.bfloat16).clone(),
                         "top_ids": top.indices[r, :n].clone(),
                         "top_probs": top.values[r, :n].to(torch.float16).clone()})
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+# --- multimodal data (vision-language targets: the msd head's second stage) -------------------
+
+
+def load_image_prompts(path: str | Path) -> list[tuple[Path, str]]:
+    """``(image file, prompt)`` pairs from JSONL lines ``{"image": PATH, "prompt": TEXT}``
+    (relative paths are relative to the JSONL file)."""
+    base = Path(path).resolve().parent
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        if "image" not in obj or "prompt" not in obj:
+            raise ValueError(f"{path}:{n}: an image-prompt line needs 'image' and 'prompt'")
+        image = Path(obj["image"])
+        out.append((image if image.is_absolute() else base / image, str(obj["prompt"])))
+    if not out:
+        raise ValueError(f"{path}: no image prompts")
+    return out
+
+
+def image_prompt_text(processor: Any, prompt: str) -> str:
+    """A user turn with one image before ``prompt``, through the chat template when the
+    tokenizer has one."""
+    tokenizer = processor.tokenizer
+    content = f"{processor.image_token}\n{prompt}"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             tokenize=False, add_generation_prompt=True)
+    return content
+
+
+@torch.no_grad()
+def multimodal_examples(model: Any, processor: Any, items: list[tuple[Any, str]],
+                        max_new_tokens: int, hidden_layers: list[int], topk: int = 16,
+                        batch_size: int = 8, progress: Callable[[int], None] | None = None
+                        ) -> list[tuple[Sequence, dict[str, torch.Tensor], dict[str, Any]]]:
+    """For ``(image, prompt)`` items (an image: a path, a PIL image or an ``[H, W, 3]`` uint8
+    array): the target's greedy response *with the image*, then one forward over prompt +
+    response for the features and top-k (as ``extract_features``). Returns per item the
+    sequence, its features and the processor inputs of its image (for acceptance runs)."""
+    import numpy as np
+
+    tokenizer = processor.tokenizer
+    eos, pad = _eos_and_pad(model, tokenizer)
+    out = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        images = []
+        for image, _ in chunk:
+            if isinstance(image, (str, Path)):
+                from PIL import Image
+
+                image = np.asarray(Image.open(image).convert("RGB"))
+            images.append(image)
+        texts = [image_prompt_text(processor, p) for _, p in chunk]
+        tokenizer.padding_side = "left"
+        enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=eos or None)
+        L = enc["input_ids"].shape[1]
+        seqs = []
+        for r in range(len(chunk)):
+            prompt = enc["input_ids"][r][enc["attention_mask"][r].bool()].tolist()
+            toks = gen[r, L:].tolist()
+            cut = next((j for j, t in enumerate(toks) if t in eos), None)
+            seqs.append(Sequence(prompt, toks[: cut + 1] if cut is not None else toks))
+        T = max(len(q.ids) for q in seqs)
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(seqs), T, dtype=torch.long)
+        for r, q in enumerate(seqs):  # right padding: positions stay 0..len-1
+            ids[r, : len(q.ids)] = torch.tensor(q.ids)
+            mask[r, : len(q.ids)] = 1
+        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        res = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra)
+        feats = torch.cat([res.hidden_states[i] for i in hidden_layers], -1)
+        top = torch.topk(res.logits.float().softmax(-1), topk, dim=-1)
+        for r, q in enumerate(seqs):
+            n = len(q.ids)
+            one = processor(images=images[r], text=texts[r], return_tensors="pt")
+            out.append((q, {"features": feats[r, :n].to(torch.bfloat16).clone(),
+                            "top_ids": top.indices[r, :n].clone(),
+                            "top_probs": top.values[r, :n].to(torch.float16).clone()},
+                        {k: v for k, v in one.items() if k not in ("input_ids",
+                                                                   "attention_mask")}))
         if progress:
             progress(len(chunk))
     return out

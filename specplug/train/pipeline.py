@@ -7,13 +7,14 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from specplug.heads.config import HeadConfig
+from specplug.multimodal import media_token_ids
 from specplug.train.data import (
     SEED_TASKS,
     Sequence,
@@ -125,20 +126,23 @@ def build_dataset(model: Any, tokenizer: Any, model_name: str, ds: DataSettings,
 
 @torch.no_grad()
 def measure_acceptance(model: Any, net: Any, examples: list[Example], depth: int,
-                       count: int = 8, max_new_tokens: int = 64) -> dict[str, float]:
+                       count: int = 8, max_new_tokens: int = 64,
+                       inputs: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Real speculative generation (greedy, chain of ``depth``) from the prompts of held-out
-    examples: mean accepted draft tokens per step, and tokens per target forward."""
+    examples: mean accepted draft tokens per step, and tokens per target forward.
+    ``inputs``: per example, a vision-language target's image inputs (``pixel_values``...)."""
     from specplug.config import SpecConfig
     from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
 
     spec = Speculator.from_config(SpecConfig(method=net.config.kind, checkpoint=net,
                                              num_speculative_tokens=depth), model)
     accepted, steps, tokens, forwards = 0, 0, 0, 0
-    for ex in examples[:count]:
+    for i, ex in enumerate(examples[:count]):
         prompt = ex.ids[: max(1, ex.prompt_len)][None]
         out = speculative_generate(ModelTargetRunner(model, hidden_layers=spec.drafter
                                                      .hidden_layers),
-                                   spec, prompt, max_new_tokens=max_new_tokens)
+                                   spec, prompt, max_new_tokens=max_new_tokens,
+                                   model_inputs=inputs[i] if inputs else None)
         acc = out.stats.accepted_per_step[0]
         accepted += sum(acc)
         steps += len(acc)
@@ -152,9 +156,17 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
           data: DataSettings | None = None, settings: TrainSettings | None = None,
           num_heads: int = 4, draft_vocab_size: int = 8192, heldout: float = 0.1,
           cache: str | os.PathLike[str] | None = None, progress: bool = True,
-          command: str = "") -> dict[str, Any]:
+          command: str = "", image_data: str | os.PathLike[str] | None = None,
+          stage2_settings: TrainSettings | None = None,
+          init: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Train a ``kind`` head for ``model_name``; writes the checkpoint and ``report.json`` /
-    ``report.md`` to ``out`` and returns the report."""
+    ``report.md`` to ``out`` and returns the report.
+
+    ``msd`` (vision-language targets) trains in two stages, as MSD does: first on text-only
+    data (the prompts above, no image), then on ``image_data`` (JSONL of ``{"image", "prompt"}``:
+    the target answers each with the image; the visual adapter learns here) with
+    ``stage2_settings``. ``init``: start from a trained head (an ``eagle`` head of the same
+    language model gives ``msd`` its text stage; its visual adapter starts fresh)."""
     from specplug.heads.checkpoint import save_head
     from specplug.heads.nets import build_net
     from specplug.models import cache_dir, load_model
@@ -166,8 +178,26 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     outdir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(model_name)
     text = model.config.get_text_config()
+    media = sorted(media_token_ids(model))
+    if kind == "msd":
+        data = replace(data, hidden_layers=(-1, 0))  # last features + input embeddings
+    elif image_data is not None:
+        raise ValueError(f"image_data is for the msd head; a {kind} head trains on text")
     cache_root = Path(cache) if cache else cache_dir() / "train" / Path(str(model_name)).name
     examples, _ = build_dataset(model, tok, str(model_name), data, cache_root, progress)
+    mm: list[tuple[Example, dict[str, Any]]] = []
+    if image_data is not None:
+        from specplug.models import load_processor
+        from specplug.train.data import load_image_prompts, multimodal_examples
+
+        items = load_image_prompts(image_data)
+        bar = _Bar(len(items), "target answers with images", progress)
+        for q, f, inputs in multimodal_examples(model, load_processor(model_name), items,
+                                                data.max_new_tokens, list(data.hidden_layers),
+                                                data.topk, progress=bar):
+            mm.append((Example(torch.tensor(q.ids), f["features"], f["top_ids"],
+                               f["top_probs"], len(q.prompt)), inputs))
+        bar.close()
     t_data = time.perf_counter() - t0
 
     rng = random.Random(1234)
@@ -177,17 +207,27 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     held = [examples[i] for i in order[:n_held]]
     trainset = [examples[i] for i in order[n_held:]] or held
 
+    mm_order = list(range(len(mm)))
+    rng.shuffle(mm_order)
+    n_mm_held = max(1, int(len(mm) * heldout)) if len(mm) > 1 else 0
+    mm_held = [mm[i] for i in mm_order[:n_mm_held]]
+    mm_train = [mm[i] for i in mm_order[n_mm_held:]] or mm_held
+
     H, V = text.hidden_size, int(model.get_output_embeddings().weight.shape[0])
-    vocab = build_draft_vocab(trainset, V, min(draft_vocab_size, V))
+    vocab = build_draft_vocab(trainset + [e for e, _ in mm_train], V,
+                              min(draft_vocab_size, V) + len(media))
+    vocab = vocab[~torch.isin(vocab, torch.tensor(media, dtype=torch.long))][:draft_vocab_size]
     heads = max(1, H // 64) if H % 64 == 0 else next(h for h in (8, 4, 2, 1) if H % h == 0)
     config = HeadConfig(kind=kind, hidden_size=H, vocab_size=V, draft_vocab_size=len(vocab),
                         num_heads=num_heads, num_attention_heads=heads,
                         intermediate_size=2 * H, hidden_layers=list(data.hidden_layers),
                         rope_theta=float(getattr(text, "rope_theta", 10000.0) or 10000.0),
-                        target=str(model_name))
+                        target=str(model_name), media_tokens=media if kind == "msd" else [])
     torch.manual_seed(settings.seed)
     net = build_net(config, vocab).bind(model.get_input_embeddings(),
                                         model.get_output_embeddings().weight)
+    if init is not None:
+        _init_from(net, init)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -203,11 +243,25 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
 
     result = train_head(net, trainset, held, settings, state_dir=outdir / "train_state",
                         progress=on_step)
+    stages = {"text": {"steps": result.steps, "heldout": result.heldout,
+                       "examples": len(trainset)}}
+    depth = min(num_heads, net.max_depth)
+    if mm:  # stage 2: multimodal
+        stages["text"]["acceptance_on_image_prompts"] = measure_acceptance(
+            model, net, [e for e, _ in mm_held], depth, inputs=[i for _, i in mm_held])
+        s2 = stage2_settings or settings
+        result = train_head(net, [e for e, _ in mm_train], [e for e, _ in mm_held], s2,
+                            state_dir=outdir / "train_state_multimodal", progress=on_step)
+        stages["multimodal"] = {"steps": result.steps, "heldout": result.heldout,
+                                "examples": len(mm_train), "settings": asdict(s2)}
     if bar is not None:
         bar.close()
     t_train = time.perf_counter() - t0 - t_data
     save_head(net, outdir, metadata={"command": command})
-    acceptance = measure_acceptance(model, net, held, depth=min(num_heads, net.max_depth))
+    acceptance = measure_acceptance(model, net, held, depth=depth)
+    if mm:
+        stages["multimodal"]["acceptance_on_image_prompts"] = measure_acceptance(
+            model, net, [e for e, _ in mm_held], depth, inputs=[i for _, i in mm_held])
     report = {
         "model": str(model_name), "kind": kind, "command": command,
         "config": config.model_dump(), "settings": asdict(settings), "data": asdict(data),
@@ -216,12 +270,28 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
         "wall_s": {"data": round(t_data, 1), "train": round(t_train, 1),
                    "total": round(time.perf_counter() - t0, 1)},
         "steps": result.steps, "history": result.history, "heldout": result.heldout,
-        "acceptance": acceptance,
+        "acceptance": acceptance, "stages": stages, "init": str(init) if init else None,
         "checkpoint_mb": round((outdir / "model.safetensors").stat().st_size / 2**20, 2),
     }
     (outdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (outdir / "report.md").write_text(_markdown(report))
     return report
+
+
+def _init_from(net: Any, folder: str | os.PathLike[str]) -> None:
+    """Start ``net`` from a trained head's weights where names and shapes agree (an ``eagle``
+    head gives an ``msd`` head its text stage); the rest (msd's visual adapter) stays fresh."""
+    from specplug.heads.checkpoint import load_head
+
+    src = load_head(folder).state_dict()
+    own = net.state_dict()
+    same_vocab = torch.equal(src["draft_vocab"], net.draft_vocab)
+    take = {k: v for k, v in src.items() if k in own and k not in ("draft_vocab", "media")
+            and v.shape == own[k].shape
+            and (same_vocab or not k.startswith("lm_heads."))}  # rows are draft-vocab ids
+    if not take:
+        raise ValueError(f"{folder}: no weights of that head fit this {net.config.kind} head")
+    net.load_state_dict(take, strict=False)
 
 
 def _markdown(r: dict[str, Any]) -> str:
