@@ -218,6 +218,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue training the vision tower + projector saved in --out")
     args = ap.parse_args()
     if args.write_data:
         print(write_image_data(Path(args.write_data), args.count, seed=1000 + args.seed))
@@ -227,25 +229,34 @@ def main() -> None:
     from specplug.models import load_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    lm, tok = load_model("smollm2-135m")
-    vlm = build(lm, tok, args.seed)
+    out = Path(args.out).expanduser()
+    earlier: dict[str, Any] = {}
+    if args.resume:
+        vlm, tok = load_model(out)
+        earlier = json.loads((out / "toy-vlm.json").read_text())
+    else:
+        lm, tok = load_model("smollm2-135m")
+        vlm = build(lm, tok, args.seed)
     processor = processor_for(tok)
     t0 = time.perf_counter()
-    history = train(vlm, processor, tok, args.steps, args.batch, args.lr, args.seed)
+    seed = args.seed + len(earlier.get("runs", [])) + (1 if earlier else 0)
+    history = train(vlm, processor, tok, args.steps, args.batch, args.lr, seed)
     wall = time.perf_counter() - t0
     acc = caption_accuracy(vlm, processor, tok)
-    out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     vlm.save_pretrained(out)
     processor.save_pretrained(out)
     report = {"what": "LLaVA: SmolLM2-135M-Instruct (frozen) + CLIP vision tower (4 layers, "
                       "256 wide, 64x64 images, 16x16 patches) + 2-layer projector, trained "
                       "here on synthetic coloured-shape captions",
-              "image_token": IMAGE_TOKEN, "steps": args.steps, "batch": args.batch,
-              "lr": args.lr, "train_wall_s": round(wall, 1), "history": history,
+              "image_token": IMAGE_TOKEN,
+              "runs": [*earlier.get("runs", []),
+                       {"steps": args.steps, "batch": args.batch, "lr": args.lr,
+                        "train_wall_s": round(wall, 1), "history": history,
+                        "heldout_caption_accuracy": acc}],
               "heldout_caption_accuracy": acc, "torch_threads": torch.get_num_threads()}
     (out / "toy-vlm.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
 
 
 if __name__ == "__main__":

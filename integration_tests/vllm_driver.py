@@ -4,6 +4,7 @@ vLLM binds threads, installs signal handlers and keeps global state, so the inte
 run each engine in a fresh process: ``python vllm_driver.py JOB_JSON``. The job names the model
 folder, the speculative config, prompts and sampling; the last stdout line is
 ``RESULT {...}``: token ids and texts per prompt (per sample), and vLLM's spec-decode metrics.
+``"images"`` (one PNG path per prompt) makes the prompts multimodal.
 With ``"plugin_drafter": true`` a test drafter (``echo_last``: proposes the last token again) is
 registered through specplug's plugin manager first, as a third-party plugin would be.
 """
@@ -58,7 +59,13 @@ def main() -> None:
     params = SamplingParams(temperature=job.get("temperature", 0.0), n=job.get("n", 1),
                             max_tokens=job["max_tokens"], seed=job.get("seed"),
                             ignore_eos=job.get("ignore_eos", False))
-    outs = llm.generate(job["prompts"], params, use_tqdm=False)
+    prompts = job["prompts"]
+    if job.get("images"):  # a vision-language target: one image file per prompt
+        from PIL import Image
+
+        prompts = [{"prompt": p, "multi_modal_data": {"image": Image.open(i).convert("RGB")}}
+                   for p, i in zip(prompts, job["images"])]
+    outs = llm.generate(prompts, params, use_tqdm=False)
     metrics = {}
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode"):

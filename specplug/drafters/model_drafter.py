@@ -155,18 +155,21 @@ class ModelDrafter(Drafter):
         else:
             pending = [self._seen(b, t[c:]) for b, (t, c) in
                        enumerate(zip(ctx.tokens, self.cached))]
-            # a row whose new tokens a text view removed (the target chose an image
-            # placeholder) keeps the logits after the last token its draft saw
-            root_logits = self.last_logits.clone()
-            if any(pending):
-                out = self.runner.extend(pending)
-                fed = torch.tensor([bool(p) for p in pending])
+            out = self.runner.extend(pending) if any(pending) else None
+            if out is not None:
                 last = torch.tensor([max(len(p) - 1, 0) for p in pending])
-                root_logits[fed] = out.logits[torch.arange(B), last][fed]
-            self.root_logits = root_logits
+                self.root_logits = out.logits[torch.arange(B), last]
+            if self.view is not None and not all(pending):
+                # a row whose new tokens the text view removed (the target chose an image
+                # placeholder) keeps the logits after the last token its draft saw
+                fed = torch.tensor([bool(p) for p in pending])
+                root = self.last_logits.clone()
+                if out is not None:
+                    root[fed] = self.root_logits[fed]
+                self.root_logits = root
             check_finite(self.root_logits, f"the {self.name!r} drafter")
             self.cached = [len(t) for t in ctx.tokens]
-        self.last_logits = self.root_logits
+        self.last_logits = self.root_logits  # text views: after the last token the draft saw
         self.slot_logits: list[dict[int, torch.Tensor]] = [{} for _ in range(B)]
         self.child_slot: list[dict[tuple[int, int], int]] = [{} for _ in range(B)]
         self.spec_size = 0
@@ -215,7 +218,8 @@ class ModelDrafter(Drafter):
                     continue
                 slot = slots + j
                 self.child_slot[b][(it.handle, it.token)] = slot
-                self.slot_logits[b][slot] = logits[b, j]
+                if self.view is not None:
+                    self.slot_logits[b][slot] = logits[b, j]
                 cands.append(self._candidates(logits[b, j], k, slot))
                 j += 1
             out.append(cands)
@@ -239,7 +243,7 @@ class ModelDrafter(Drafter):
             idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         self.runner.commit(idx, torch.tensor([len(p) for p in keep], dtype=torch.long))
         self.cached = [c + len(p) for c, p in zip(self.cached, keep)]
-        ends = [b for b, p in enumerate(keep) if p]
+        ends = [b for b, p in enumerate(keep) if p] if self.view is not None else []
         if ends:
             self.last_logits = self.last_logits.clone()
             for b in ends:
