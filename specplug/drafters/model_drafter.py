@@ -150,6 +150,7 @@ class ModelDrafter(Drafter):
                 mask[b, L - len(t):] = 1
             self.root_logits = self.runner.prefill(ids, mask).logits[:, -1]
             check_finite(self.root_logits, f"the {self.name!r} drafter")
+            self.root_logits = self._to_target(self.root_logits)
             self.cached = [len(t) for t in ctx.tokens]
             self.started = True
         else:
@@ -158,7 +159,9 @@ class ModelDrafter(Drafter):
             out = self.runner.extend(pending) if any(pending) else None
             if out is not None:
                 last = torch.tensor([max(len(p) - 1, 0) for p in pending])
-                self.root_logits = out.logits[torch.arange(B), last]
+                root = out.logits[torch.arange(B), last]
+                check_finite(root, f"the {self.name!r} drafter")
+                self.root_logits = self._to_target(root)
             if self.view is not None and not all(pending):
                 # a row whose new tokens the text view removed (the target chose an image
                 # placeholder) keeps the logits after the last token its draft saw
@@ -167,7 +170,6 @@ class ModelDrafter(Drafter):
                 if out is not None:
                     root[fed] = self.root_logits[fed]
                 self.root_logits = root
-            check_finite(self.root_logits, f"the {self.name!r} drafter")
             self.cached = [len(t) for t in ctx.tokens]
         self.last_logits = self.root_logits  # text views: after the last token the draft saw
         self.slot_logits: list[dict[int, torch.Tensor]] = [{} for _ in range(B)]
@@ -175,12 +177,17 @@ class ModelDrafter(Drafter):
         self.spec_size = 0
         return [_ROOT] * B
 
-    def _candidates(self, logits: torch.Tensor, k: int, handle: int) -> Candidates:
+    def _to_target(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., Vd]`` draft logits -> what candidates are drawn from, once per forward:
+        image placeholders masked, padded to the target's vocabulary when it is larger."""
         if self._media_ids is not None:  # never propose an image placeholder
-            logits = logits.index_fill(0, self._media_ids, float("-inf"))
+            logits = logits.index_fill(-1, self._media_ids, float("-inf"))
         if self.target_vocab is not None and self.target_vocab > logits.shape[-1]:
             logits = F.pad(logits, (0, self.target_vocab - logits.shape[-1]),
                            value=float("-inf"))
+        return logits
+
+    def _candidates(self, logits: torch.Tensor, k: int, handle: int) -> Candidates:
         k = min(k, logits.shape[-1])
         if self.sampling.greedy:  # fused: the [V] distribution is never written
             probs, tokens = softmax_topk(logits[None], k)
@@ -207,6 +214,7 @@ class ModelDrafter(Drafter):
                     tokens[b, j], parents[b, j], real[b, j] = it.token, it.handle, True
             logits = self.runner.append(tokens, parents, real).logits
             check_finite(logits, f"the {self.name!r} drafter")
+            logits = self._to_target(logits)
             slots = self.spec_size
             self.spec_size += n
         out: list[list[Candidates]] = []
