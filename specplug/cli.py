@@ -177,6 +177,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from specplug.drafters.heads import shipped_head
+    from specplug.heads.export import export_vllm_eagle
+    from specplug.models import resolve_model_dir
+
+    folder = resolve_model_dir(args.model)
+    head = args.checkpoint or shipped_head(str(folder), args.drafter)
+    out = export_vllm_eagle(head, args.out,
+                            json.loads((folder / "config.json").read_text()))
+    print(f"{args.drafter} head ({head}) in vLLM's EAGLE-1 layout: {out}")
+    spec = json.dumps({"method": "eagle", "model": str(out), "num_speculative_tokens": 4})
+    print(f"serve it: python -m vllm.entrypoints.openai.api_server --model {folder} "
+          f"--speculative-config '{spec}'")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import shlex
 
@@ -258,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_cmd_bench)
+
+    x = sub.add_parser("export", help="write a trained eagle head in vLLM's EAGLE-1 layout")
+    x.add_argument("--model", default="smollm2-135m",
+                   help="the target: smollm2-135m | gemma3-270m | a local HF folder")
+    x.add_argument("--drafter", default="eagle", choices=("eagle",),
+                   help="the head kind (vLLM serves EAGLE-1 heads natively)")
+    x.add_argument("--checkpoint", default=None,
+                   help="the head folder (default: the head shipped for --model)")
+    x.add_argument("--to", default="vllm", choices=("vllm",), help="the target format")
+    x.add_argument("--out", required=True, help="folder to write (config.json, "
+                                                "model.safetensors)")
+    x.set_defaults(func=_cmd_export)
 
     t = sub.add_parser("train", help="train a draft head by self-distillation from the target")
     t.add_argument("--model", default="smollm2-135m")

@@ -56,3 +56,20 @@ def test_run_errors_exit_2(folder, capsys, args, needle):
 def test_unknown_model_name(capsys):
     assert main(["run", "--model", "no-such-model", "--prompt", "x"]) == 2
     assert "smollm2-135m" in capsys.readouterr().err
+
+
+def test_export_writes_a_vllm_eagle_folder(folder, tmp_path, capsys):
+    from test_heads import make_net
+
+    from specplug.heads.checkpoint import load_head, save_head
+
+    head = save_head(make_net("eagle", tiny_llama(0)), tmp_path / "head")
+    rc = main(["export", "--model", folder, "--checkpoint", str(head), "--out",
+               str(tmp_path / "vllm")])
+    assert rc == 0
+    assert '"method": "eagle"' in capsys.readouterr().out
+    assert json.loads((tmp_path / "vllm" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert load_head(tmp_path / "vllm").config.kind == "eagle"
+    # no head shipped for a tiny folder: a clear error, exit 2
+    assert main(["export", "--model", folder, "--out", str(tmp_path / "x")]) == 2
+    assert "no shipped 'eagle' head" in capsys.readouterr().err

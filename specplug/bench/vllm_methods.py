@@ -32,8 +32,9 @@ REFERENCE = "vllm:none"
 VLLM_NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
 
 
-def vllm_speculative_config(rest: str) -> dict[str, Any] | None:
-    """The ``speculative_config`` of ``vllm:REST`` (None for ``none``).
+def vllm_speculative_config(rest: str, model_dir: str | None = None) -> dict[str, Any] | None:
+    """The ``speculative_config`` of ``vllm:REST`` (None for ``none``); ``model_dir`` is the
+    target's folder (``vllm:specplug:eagle`` exports its head against it).
 
     Raises:
         ValueError: an unknown vLLM method, naming the known ones.
@@ -51,7 +52,8 @@ def vllm_speculative_config(rest: str) -> dict[str, Any] | None:
         from specplug.adapters.vllm import translate_speculative_config
 
         spec = {"method": "specplug", "drafter": drafter, **_options(opts)}
-        translate_speculative_config(spec, None)  # validate now, not in the engine process
+        # validate now, not in the engine process
+        translate_speculative_config(spec, None, target_model=model_dir)
         return spec
     raise ValueError(f"unknown vLLM method 'vllm:{rest}'; known: vllm:none, vllm:ngram[:K], "
                      "vllm:specplug:DRAFTER[:KEY=VALUE,...]")
@@ -185,7 +187,7 @@ class VllmEngine:
 def vllm_method(spec: str, model_dir: str, temperature: float = 0.0,
                 max_model_len: int = 4096) -> Method:
     """A bench ``Method`` for ``vllm:...``; its outputs are checked against ``vllm:none``."""
-    config = vllm_speculative_config(spec.removeprefix("vllm:"))
+    config = vllm_speculative_config(spec.removeprefix("vllm:"), model_dir)
     engine = VllmEngine(model_dir, config, temperature, max_model_len)
 
     def run(ids: torch.Tensor, max_new: int) -> MethodRun:

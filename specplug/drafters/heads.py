@@ -43,16 +43,22 @@ class HeadOptions(DrafterOptions):
 
 
 def _target_name(target: Any) -> str | None:
+    path = str(getattr(target.config, "_name_or_path", "") or "")
+    return known_model_name(path)
+
+
+def known_model_name(path: str) -> str | None:
+    """The known model (``specplug.models.KNOWN_MODELS``) a model folder is, by its name."""
     from specplug.models import KNOWN_MODELS
 
-    path = str(getattr(target.config, "_name_or_path", "") or "")
     name = Path(path).name
     return name if name in KNOWN_MODELS else None
 
 
 def shipped_head(target: Any, kind: str) -> Path:
-    """The head of ``kind`` shipped with specplug for ``target`` (a known model)."""
-    name = _target_name(target)
+    """The head of ``kind`` shipped with specplug for ``target`` (a known model, or its
+    folder's path)."""
+    name = known_model_name(target) if isinstance(target, str) else _target_name(target)
     folder = SHIPPED / (name or "?") / kind
     if name is None or not (folder / "config.json").is_file():
         have = sorted(f"{p.parent.name}/{p.name}" for p in SHIPPED.glob("*/*") if p.is_dir())

@@ -1,0 +1,176 @@
+"""Export a trained ``eagle`` head to the EAGLE-1 layout that vLLM serves natively.
+
+vLLM's ``method: "eagle"`` builds ``EagleLlamaForCausalLM`` from a Llama ``config.json``
+(``num_hidden_layers: 1``) and ``model.safetensors`` with ``fc.weight [H, 2H]`` (no bias; input
+``[embedding; feature]``) and ``layers.0.{self_attn, post_attention_layernorm, mlp}`` (the first
+layer has no input norm). It shares the target's token embedding and LM head and feeds the
+target's final (normed) hidden states: the same network as specplug's ``EagleNet`` with
+``hidden_layers: [-1]``, so the export is a renaming, plus two adjustments:
+
+- **Embedding scale.** vLLM's drafter reads the target's raw embedding table; a target whose
+  embedding module multiplies by a constant (Gemma: ``sqrt(hidden_size)``) had that scale in
+  specplug's training inputs, so it is folded into ``fc``'s embedding columns.
+- **Vocabulary.** vLLM's EAGLE-1 drafter takes the argmax over the target's whole LM head;
+  specplug's drafts over the head's draft vocabulary (``draft_vocab``, the ids seen in training).
+  The predicted feature is the same; a draft token may differ where a token outside the draft
+  vocabulary wins, which costs acceptance, never correctness (vLLM verifies every draft).
+
+Weights are written in float32 (a bf16 head converts exactly; the folded scale is not rounded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specplug.heads.nets import DraftNet
+
+__all__ = ["cached_vllm_eagle", "embedding_scale", "export_vllm_eagle", "vllm_eagle_state"]
+
+#: ``model_type`` prefixes of targets whose token embedding is scaled by ``sqrt(hidden_size)``
+SCALED_EMBEDDING_TYPES = ("gemma",)
+
+
+def embedding_scale(target_config: Mapping[str, Any]) -> float:
+    """The constant the target's embedding module multiplies the table rows by (1 for
+    Llama-style targets, ``sqrt(hidden_size)`` for Gemma's), from its ``config.json``."""
+    model_type = str(target_config.get("model_type", ""))
+    text = target_config.get("text_config")
+    if isinstance(text, Mapping) and text.get("model_type"):
+        model_type, target_config = str(text["model_type"]), text
+    if model_type.startswith(SCALED_EMBEDDING_TYPES):
+        return math.sqrt(int(target_config["hidden_size"]))
+    return 1.0
+
+
+def _text_config(target_config: Mapping[str, Any]) -> Mapping[str, Any]:
+    text = target_config.get("text_config")
+    return text if isinstance(text, Mapping) and "hidden_size" in text else target_config
+
+
+def _check_exportable(net: DraftNet, target_config: Mapping[str, Any]) -> None:
+    cfg = net.config
+    if cfg.kind != "eagle":
+        raise ValueError(
+            f"only 'eagle' heads have a vLLM-native form (vLLM's EAGLE-1 drafter); this is a "
+            f"{cfg.kind!r} head. Serve it with specplug.hf.generate / specplug run, or train an "
+            "eagle head (specplug train --drafter eagle)")
+    if cfg.fc_bias:
+        raise ValueError("this eagle head's fc has a bias, which vLLM's EAGLE-1 drafter does not "
+                         "load (its fc has none); train a head without one (specplug's default)")
+    if list(cfg.hidden_layers) != [-1]:
+        raise ValueError(f"this eagle head reads hidden_layers={cfg.hidden_layers}; vLLM's EAGLE-1 "
+                         "drafter feeds only the target's final hidden states ([-1])")
+    text = _text_config(target_config)
+    H, V = int(text["hidden_size"]), int(text["vocab_size"])
+    if (cfg.hidden_size, cfg.vocab_size) != (H, V):
+        raise ValueError(
+            f"head/target mismatch: the eagle head was trained for hidden size "
+            f"{cfg.hidden_size} and vocabulary {cfg.vocab_size}"
+            f"{f' ({cfg.target})' if cfg.target else ''}, the target has {H} and {V}; "
+            "export a head trained for this target (specplug train --model ...)")
+
+
+def vllm_eagle_state(net: DraftNet, embed_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """``net``'s weights under vLLM's EAGLE-1 names (float32), with ``embed_scale`` folded into
+    ``fc.weight[:, :H]`` (the embedding half of its ``[H, 2H]`` input)."""
+    H = net.config.hidden_size
+    state: dict[str, torch.Tensor] = {}
+    for name, value in net.state_dict().items():
+        if name == "draft_vocab":
+            continue
+        value = value.detach().float().clone()
+        if name == "fc.weight":
+            value[:, :H] *= embed_scale
+        if name.startswith("layer."):
+            name = "layers.0." + name[len("layer."):]
+        state[name] = value.contiguous()
+    return state
+
+
+def _llama_config(net: DraftNet, target_config: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = net.config
+    heads = cfg.num_attention_heads
+    text = _text_config(target_config)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size or 2 * cfg.hidden_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "num_key_value_heads": cfg.num_key_value_heads or heads,
+        "head_dim": cfg.head_dim or cfg.hidden_size // heads,
+        "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": int(text.get("max_position_embeddings") or 8192),
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def export_vllm_eagle(head: DraftNet | str | os.PathLike[str], out: str | os.PathLike[str],
+                      target_config: Mapping[str, Any]) -> Path:
+    """Write ``head`` (an ``eagle`` head or its folder) to ``out`` in vLLM's EAGLE-1 layout, for
+    the target described by ``target_config`` (its ``config.json`` as a dict).
+
+    Raises:
+        ValueError: a head that is not an exportable eagle head, or one trained for another
+            target (hidden size or vocabulary), naming what differs.
+    """
+    from safetensors.torch import save_file
+
+    from specplug.heads.checkpoint import load_head
+
+    net = head if isinstance(head, DraftNet) else load_head(head)
+    _check_exportable(net, target_config)
+    scale = embedding_scale(target_config)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(vllm_eagle_state(net, scale), str(folder / "model.safetensors"),
+              metadata={"format": "pt", "exported_by": "specplug", "embed_scale": repr(scale)})
+    config = _llama_config(net, target_config)
+    config["specplug"] = {"kind": net.config.kind, "target": net.config.target,
+                          "embed_scale": scale,
+                          "draft_vocab_size": net.config.draft_vocab_size}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def cached_vllm_eagle(head_folder: str | os.PathLike[str], target_config: Mapping[str, Any],
+                      root: str | os.PathLike[str] | None = None) -> Path:
+    """Export ``head_folder`` once into specplug's cache (``<cache>/vllm-eagle/<digest>``, keyed
+    by the head's files and the embedding scale) and return the folder; later calls reuse it."""
+    from specplug.models import cache_dir
+
+    src = Path(head_folder)
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        path = src / name
+        digest.update(path.read_bytes() if path.is_file() else name.encode())
+    digest.update(repr(embedding_scale(target_config)).encode())
+    base = Path(root) if root is not None else cache_dir() / "vllm-eagle"
+    folder = base / f"{src.name}-{digest.hexdigest()[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = base / f".{folder.name}.{os.getpid()}"
+    export_vllm_eagle(src, tmp, target_config)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process exported it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
