@@ -179,6 +179,82 @@ def test_vllm_eagle_drafts_what_specplugs_head_predicts():
     assert abs(vllm_accepted - accepted) <= len(PROMPTS), (vllm_accepted, accepted)
 
 
+def _to_llava15_layout(weights: Path) -> None:
+    """vLLM 0.32 reads LLaVA checkpoints in the llava-hf layout, with the CLIP tower's weights
+    under ``vision_tower.vision_model.``; transformers 5.23 writes them without
+    ``vision_model.``."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    fixed = {(f"vision_tower.vision_model.{k.removeprefix('vision_tower.')}"
+              if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+              else k): v for k, v in state.items()}
+    save_file(fixed, str(weights), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def toy_vlm(tmp_path_factory):
+    """A LLaVA target assembled from the real SmolLM2-135M and a fresh (untrained) CLIP tower
+    and projector (``benchmarks/toy_vlm.py``), three PNG images and their chat prompts. Greedy
+    identity does not need a trained vision tower; the trained one is measured in
+    docs/multimodal.md."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from specplug.models import load_model
+
+    model_dir()  # skips when the SmolLM2 weights are not installed
+    spec = importlib.util.spec_from_file_location("toy_vlm", HERE.parent / "benchmarks" /
+                                                  "toy_vlm.py")
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    folder = tmp_path_factory.mktemp("toy-vlm")
+    lm, tok = load_model("smollm2-135m")
+    vlm, processor = toy.build(lm, tok, seed=0), toy.processor_for(tok)
+    vlm.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    _to_llava15_layout(folder / "model.safetensors")
+    images, prompts = [], []
+    questions = ["Describe the image, then repeat the description word for word.",
+                 "List the colours of the rainbow, one per line: red, orange,",
+                 "What shape is this? Answer, then write: shape, shape, shape,"]
+    for i, (img, _) in enumerate(toy.image_prompts(len(questions), seed=7)):
+        path = folder / f"{i}.png"
+        Image.fromarray(np.asarray(img)).save(path)
+        images.append(str(path))
+        prompts.append(toy.prompt_text(tok, questions[i]))
+    hf_greedy = []
+    for prompt, path in zip(prompts, images):  # transformers' own answer, for comparison
+        inputs = processor(images=Image.open(path).convert("RGB"), text=prompt,
+                           return_tensors="pt")
+        with torch.no_grad():
+            out = vlm.generate(**inputs, max_new_tokens=24, do_sample=False)
+        hf_greedy.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+    return {"model": str(folder), "prompts": prompts, "images": images, "hf_greedy": hf_greedy,
+            "image_token_id": tok.convert_tokens_to_ids(toy.IMAGE_TOKEN)}
+
+
+def test_vlm_target_with_specplug_ngram_identical_to_vllm_without_speculation(toy_vlm):
+    """A vision-language target (LLaVA) in a real vLLM engine, images in the prompts: specplug's
+    n-gram drafter (bound to the image placeholder id read from vLLM's hf_config) changes no
+    output token, and vLLM accepts its drafts."""
+    job = {"model": toy_vlm["model"], "prompts": toy_vlm["prompts"],
+           "images": toy_vlm["images"], "max_tokens": 48, "max_model_len": 512}
+    plain, _ = run_job(job)
+    spec, _ = run_job({**job, "speculative_config": {
+        "method": "specplug", "drafter": "ngram", "num_speculative_tokens": 4}})
+    image = toy_vlm["image_token_id"]
+    for prompt in plain["prompt_token_ids"]:  # vLLM expanded each image into placeholders
+        assert prompt.count(image) == 16, prompt.count(image)
+    # vLLM runs this LLaVA as transformers does (first 24 tokens: float32 kernels differ)
+    assert [t[0][:24] for t in plain["token_ids"]] == toy_vlm["hf_greedy"]
+    assert spec["token_ids"] == plain["token_ids"]
+    assert spec["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0, spec["metrics"]
+
+
 @pytest.mark.parametrize("spec, additional, names", [
     ({"method": "specplug", "drafter": "ngram", "num_speculative_tokens": 4, "bogus_option": 1},
      None, "bogus_option"),

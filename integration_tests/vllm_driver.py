@@ -46,8 +46,49 @@ def _register_test_drafter() -> None:
     get_plugin_manager().register(Plugin(), name="echo-last-test-plugin")
 
 
+def _import_pixtral_processor_without_torchvision() -> None:
+    """vLLM's ``llava.py`` imports ``pixtral.py``, which imports transformers' Pixtral image
+    processor, which imports ``torchvision.transforms.v2.functional`` at module level. PyPI's
+    torchvision is a CUDA build that cannot load against the CPU torch here (docs/multimodal.md),
+    and LLaVA never calls that processor. So import it once against an empty stand-in module,
+    then remove the stand-in: transformers still sees no torchvision and uses its PIL image
+    processors, and any call into the stand-in would fail loudly. Test environment only: a
+    machine with a torchvision that matches its torch needs none of this."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    import transformers  # noqa: F401 - decides its image backends before the stand-in exists
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.v2",
+             "torchvision.transforms.v2.functional")
+    stand_ins = {name: types.ModuleType(name) for name in names}
+    for name, module in stand_ins.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    for parent, child in zip(names, names[1:]):
+        setattr(stand_ins[parent], child.rsplit(".", 1)[1], stand_ins[child])
+    sys.modules.update(stand_ins)
+    try:
+        import transformers.models.pixtral.image_processing_pixtral  # noqa: F401
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+    from transformers.utils import is_torchvision_available
+
+    assert not is_torchvision_available(), "the torchvision stand-in leaked into transformers"
+    # vLLM inspects the model class in a fresh interpreter (to keep CUDA uninitialised), which
+    # would import pixtral.py without the processor imported above; on CPU, inspect in-process
+    from vllm.model_executor.models import registry
+
+    registry._run_in_subprocess = lambda fn: fn()
+
+
 def main() -> None:
     job = json.loads(sys.argv[1])
+    if job.get("images"):
+        _import_pixtral_processor_without_torchvision()
     if job.get("plugin_drafter"):
         _register_test_drafter()
     from vllm import LLM, SamplingParams
