@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Curve", "CostModel", "best_depth"]
+__all__ = ["BatchedCost", "Curve", "CostModel", "best_depth"]
 
 
 @dataclass
@@ -148,7 +148,30 @@ class CostModel:
         return model
 
 
-def best_depth(accept_rate: float, max_depth: int, cost: CostModel | None,
+@dataclass
+class BatchedCost:
+    """``base`` read for one row of a batch of ``rows`` rows that speculate alike, for engines
+    that score a whole batch in one forward (vLLM): ``base``'s target curve is then by the
+    step's total scored tokens, and a row drafting ``d`` tokens makes the step cost
+    ``C(rows * (1 + d)) / C(rows)`` of a plain batched step. On a CPU that ratio grows with the
+    batch (a batch of 8 already fills 2 cores), so rows draft only what pays for itself there;
+    on a GPU the curve is flat and nothing changes."""
+
+    base: CostModel
+    rows: int
+
+    def relative(self, n_tokens: int) -> float:
+        """Step cost when every row scores ``n_tokens``, relative to one token per row."""
+        return self.base.relative(self.rows * n_tokens) / self.base.relative(self.rows)
+
+    def draft_per_token(self) -> float:
+        return self.base.draft_per_token()
+
+    def step_cost(self, depth: int) -> float:
+        return self.relative(1 + depth) + self.draft_per_token() * depth
+
+
+def best_depth(accept_rate: float, max_depth: int, cost: CostModel | BatchedCost | None,
                prior_slope: float = 0.15) -> int:
     """Draft length maximising expected emitted tokens per unit of step time, when each
     draft token is accepted with probability ``accept_rate`` given the previous ones were:

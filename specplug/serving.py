@@ -14,8 +14,10 @@ drafter calls (``start`` / ``begin`` + ``expand`` / ``observe``) with a ``ChainB
 
 The engine's step time is learned the same way ``speculative_generate`` learns it, from the
 engine's own steps: the wall time from one ``propose`` returning to the next call (the engine's
-forward, verification and bookkeeping) against the tokens it scored per row, into the
-``CostModel`` that drafters with adaptive depth (``ngram``) read.
+forward, verification and bookkeeping) against the tokens it scored over the whole batch, into
+the ``CostModel`` that drafters with adaptive depth (``ngram``) read. With several rows they
+read it as a ``BatchedCost``: a row's extra draft token is priced at the batch's scale, where
+on a CPU it costs far more than in a single request.
 
 Chains are drafted greedily (the drafter's most likely token at every depth): engines that
 verify without the draft distribution treat a draft as one-hot, which is exact for any draft
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from specplug.config import SpecConfig
+from specplug.cost import BatchedCost
 from specplug.drafters.base import DraftContext, StepOutcome
 from specplug.drafters.model_drafter import check_vocab, output_vocab
 from specplug.engine import Speculator
@@ -101,7 +104,7 @@ class ChainProposer:
         self.builder = ChainBuilder(self.k)
         self.sampling = SamplingParams()  # greedy chains: see the module docstring
         self._rows: list[list[int]] | None = None  # histories the drafter last saw
-        self._scored: float | None = None  # tokens per row the engine scores for our chains
+        self._scored: int | None = None  # tokens the engine scores for our chains, all rows
         self._returned_at = 0.0
         self.restarts = 0
 
@@ -129,8 +132,8 @@ class ChainProposer:
             return [[] for _ in rows]
         now = time.perf_counter()
         continues = self._continues(rows, done)
-        if continues and self._scored is not None:
-            self.speculator.cost.observe(max(1, round(self._scored)), now - self._returned_at)
+        if continues and self._scored is not None:  # the engine's step: the batch's tokens
+            self.speculator.cost.observe(max(1, self._scored), now - self._returned_at)
         if continues:
             self.drafter.observe(StepOutcome(accepted=[c[:-1] for c in done],
                                              bonus=[c[-1] if c else None for c in done],
@@ -140,14 +143,15 @@ class ChainProposer:
             self.drafter.start([r[:-1] for r in rows])
             self.restarts += 1
         limits = [self._limit(r) if a else 0 for r, a in zip(rows, active)]
+        live = sum(active)
+        cost = self.speculator.cost
         ctx = DraftContext(tokens=rows, active=active, sampling=self.sampling,
-                           cost=self.speculator.cost)
+                           cost=BatchedCost(cost, live) if live > 1 else cost)
         tree = self.builder.build(self.drafter, ctx, limits, self.vocab_size)
         counts = tree.num_nodes.tolist()
         chains = [tree.tokens[b, :n].tolist() for b, n in enumerate(counts)]
         self._rows = rows
-        live = sum(active)
-        self._scored = sum(len(c) + 1 for c, a in zip(chains, active) if a) / live
+        self._scored = sum(len(c) + 1 for c, a in zip(chains, active) if a)
         self._returned_at = time.perf_counter()
         return chains
 

@@ -265,3 +265,49 @@ def test_suffix_cache_serves_later_requests_from_earlier_ones():
     got = serve(target, proposer, later, max_new=8, slots=2)
     assert got == [a[3:11] for a in first]
     assert cache.num_sequences >= 3
+
+
+# ------------------------------------------------------------------ batched depth control
+
+
+def _linear_cost(intercept: float, per_token: float):
+    """A calibrated ``CostModel`` whose step time is ``intercept + per_token * n``."""
+    from specplug.cost import CostModel
+
+    cost = CostModel(calibrated=True)
+    for n in (1, 2, 4, 8, 16, 32):
+        cost.observe(n, intercept + per_token * n)
+    return cost
+
+
+def test_batched_cost_prices_a_rows_tokens_at_the_batch_scale():
+    from specplug.cost import BatchedCost
+
+    cost = _linear_cost(0.9, 0.1)
+    single = BatchedCost(cost, 1)
+    for d in range(5):
+        assert single.step_cost(d) == pytest.approx(cost.step_cost(d))
+    batch = BatchedCost(cost, 8)  # (0.9 + 0.8 (1 + d)) / 1.7
+    for d in range(5):
+        assert batch.step_cost(d) == pytest.approx((0.9 + 0.8 * (1 + d)) / 1.7)
+    assert batch.step_cost(2) > single.step_cost(2)
+    flat = BatchedCost(_linear_cost(1.0, 0.0), 8)  # a GPU-like curve: nothing changes
+    assert flat.step_cost(3) == pytest.approx(1.0)
+
+
+def test_chain_proposer_drafts_shorter_chains_in_a_batch_on_a_steep_curve():
+    """The same repetitive history alone and as 8 rows of one batch: with a CPU-like cost curve
+    a row in the batch drafts less (each extra token is paid at the batch's scale); with a
+    flat curve it drafts the same."""
+    ids = [5, 6, 7, 8, 9] * 6
+    lengths = {}
+    for name, cost in (("steep", _linear_cost(0.9, 0.1)), ("flat", _linear_cost(1.0, 0.0))):
+        for rows in (1, 8):
+            proposer = ChainProposer(SpecConfig(method="ngram", num_speculative_tokens=6),
+                                     vocab_size=96)
+            proposer.speculator.cost = cost
+            chains = proposer.propose([ids] * rows, [[ids[-1]]] * rows)
+            assert len({len(c) for c in chains}) == 1
+            lengths[name, rows] = len(chains[0])
+    assert lengths["steep", 8] < lengths["steep", 1], lengths
+    assert lengths["flat", 8] == lengths["flat", 1] > 0, lengths
