@@ -322,8 +322,8 @@ def _wrap_create_speculative_config(refuse: str | None) -> None:
             if ours and refuse:
                 raise RuntimeError(refuse)
             if ours:
-                spec, additional = translate_speculative_config(spec, self.additional_config,
-                                                                target_model=getattr(self, "model", None))
+                spec, additional = translate_speculative_config(
+                    spec, self.additional_config, target_model=getattr(self, "model", None))
                 self.speculative_config = spec
                 self.additional_config = additional
         return original(self, *args, **kwargs)

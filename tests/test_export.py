@@ -5,6 +5,7 @@ predicts) is in ``integration_tests/test_vllm_real.py``."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,11 +97,12 @@ def test_vllm_eagle_route_exports_once_and_becomes_vllm_eagle(tmp_path, monkeypa
     exported = out["model"]
     assert exported.startswith(str(tmp_path / "cache" / "vllm-eagle"))
     assert load_head(exported).config.kind == "eagle"
-    mtime = (tmp_path / exported / "model.safetensors").stat().st_mtime_ns
+    weights = Path(exported) / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
     again, _ = translate_speculative_config(spec, None, target_model=str(model))
     assert again["model"] == exported  # cached by the head's content
-    assert (tmp_path / exported / "model.safetensors").stat().st_mtime_ns == mtime
-    assert cached_vllm_eagle(head, llama.config.to_dict()) == type(head)(exported)
+    assert weights.stat().st_mtime_ns == mtime
+    assert cached_vllm_eagle(head, llama.config.to_dict()) == Path(exported)
 
 
 @pytest.mark.parametrize("extra, target, message", [
