@@ -155,17 +155,23 @@ class BatchedCost:
     step's total scored tokens, and a row drafting ``d`` tokens makes the step cost
     ``C(rows * (1 + d)) / C(rows)`` of a plain batched step. On a CPU that ratio grows with the
     batch (a batch of 8 already fills 2 cores), so rows draft only what pays for itself there;
-    on a GPU the curve is flat and nothing changes."""
+    on a GPU the curve is flat and nothing changes. ``rows = 1`` reads ``base`` unchanged."""
 
     base: CostModel
     rows: int
+
+    @property
+    def calibrated(self) -> bool:
+        return self.base.calibrated
 
     def relative(self, n_tokens: int) -> float:
         """Step cost when every row scores ``n_tokens``, relative to one token per row."""
         return self.base.relative(self.rows * n_tokens) / self.base.relative(self.rows)
 
     def draft_per_token(self) -> float:
-        return self.base.draft_per_token()
+        """One more draft depth for the whole batch (``base``'s draft curve is timed per
+        batch), relative to a plain batched step."""
+        return self.base.draft_per_token() / self.base.relative(self.rows)
 
     def step_cost(self, depth: int) -> float:
         return self.relative(1 + depth) + self.draft_per_token() * depth

@@ -17,7 +17,7 @@ import torch
 from specplug.adapt.base import Observer, VerifyRecord, teacher_topk
 from specplug.budget import cached_calibration, calibrate
 from specplug.config import SpecConfig
-from specplug.cost import CostModel
+from specplug.cost import BatchedCost, CostModel
 from specplug.drafters.base import DraftContext, Drafter, StepOutcome
 from specplug.multimodal import check_media_inputs, media_token_ids
 from specplug.plugins import get_plugin_manager, get_registry
@@ -313,8 +313,11 @@ def speculative_generate(
     try:
         step = 0
         while any(active):
+            # the runner scores every row's tree in one forward: a row's draft tokens are
+            # priced at the batch's scale (speculator.cost is by total scored tokens)
+            cost = BatchedCost(speculator.cost, B) if B > 1 else speculator.cost
             ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
-                               generator=generator, target_hidden=hidden, cost=speculator.cost)
+                               generator=generator, target_hidden=hidden, cost=cost)
             limits = [max_new_tokens - len(new[b]) - 1 if active[b] else 0 for b in range(B)]
             t_draft = time.perf_counter()
             tree = builder.build(drafter, ctx, limits, runner.vocab_size)
@@ -326,7 +329,7 @@ def speculative_generate(
             scored = runner.score(roots, tree, layout)
             if hasattr(runner, "synchronize"):  # time the forward, not its launch
                 runner.synchronize()
-            speculator.cost.observe(tree.width + 1, time.perf_counter() - t_score)
+            speculator.cost.observe(B * (tree.width + 1), time.perf_counter() - t_score)
             stats.target_forwards += 1
             result = speculator.verifier(tree, scored.logits, sampling, generator, layout,
                                          speculator.config)

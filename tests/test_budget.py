@@ -203,3 +203,40 @@ def test_chains_shrink_when_confident_drafts_keep_failing():
         builder.build(drafter, _ctx(cost), [8], 64)
         builder.learn(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     assert int(builder.build(drafter, _ctx(cost), [8], 64).num_nodes[0]) < first
+
+
+def test_a_row_of_a_batch_drafts_less_on_a_steep_curve():
+    """With every row scored in one forward, a row's draft tokens cost ``rows`` times as much
+    of the step: on a steep curve a row of a batch of 4 gets a shorter chain than alone; on a
+    flat curve the same one."""
+    from specplug.cost import BatchedCost
+
+    builder, drafter = ChainBuilder(8), Confident(0.9)
+    for slope, shorter in ((0.15, True), (0.0, False)):
+        alone = int(builder.build(drafter, _ctx(linear(slope)), [8], 64).num_nodes[0])
+        batched = BatchedCost(linear(slope), 4)
+        in_batch = int(builder.build(drafter, _ctx(batched), [8], 64).num_nodes[0])
+        assert (in_batch < alone) if shorter else (in_batch == alone == 8), (alone, in_batch)
+
+
+def test_the_engine_reads_the_cost_at_the_batch_scale():
+    """``speculative_generate`` hands drafters a ``BatchedCost`` over its rows and times its
+    forwards against the batch's total scored tokens; the output stays greedy's."""
+    from specplug.cost import BatchedCost
+
+    llama = tiny_llama(0)
+    ids, mask = repetitive_prompts([12, 9, 15], seed=4)
+    spec = Speculator.from_config(SpecConfig(method="layer_skip", layers=1,
+                                             num_speculative_tokens=4), llama)
+    spec.cost = linear(0.05)
+    before = set(spec.cost.times)
+    seen = []
+    original = spec.builder.build
+    spec.builder.build = lambda drafter, ctx, *a: seen.append(ctx.cost) or original(drafter,
+                                                                                    ctx, *a)
+    got = speculative_generate(ModelTargetRunner(llama), spec, ids, mask, max_new_tokens=16)
+    assert got.sequences == reference_greedy(llama, ids, mask, 16)
+    assert seen and all(isinstance(c, BatchedCost) and c.rows == 3 and c.base is spec.cost
+                        for c in seen)
+    timed = set(spec.cost.times) - before  # forwards of 3 rows x (width + 1) tokens
+    assert timed and all(n % 3 == 0 for n in timed), timed
