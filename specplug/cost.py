@@ -165,7 +165,12 @@ class BatchedCost:
         return self.base.calibrated
 
     def relative(self, n_tokens: int) -> float:
-        """Step cost when every row scores ``n_tokens``, relative to one token per row."""
+        """Step cost when every row scores ``n_tokens``, relative to one token per row. Before
+        ``base`` has timed two sizes its prior slope is a lone request's, so it is read per
+        row: scaled to the batch it would stop all drafting, and with it the timings of other
+        sizes that would correct it (on a GPU, for good)."""
+        if self.base.target.line() is None:
+            return self.base.relative(n_tokens)
         return self.base.relative(self.rows * n_tokens) / self.base.relative(self.rows)
 
     def draft_per_token(self) -> float:

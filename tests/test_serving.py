@@ -293,6 +293,14 @@ def test_batched_cost_prices_a_rows_tokens_at_the_batch_scale():
     assert batch.step_cost(2) > single.step_cost(2)
     flat = BatchedCost(_linear_cost(1.0, 0.0), 8)  # a GPU-like curve: nothing changes
     assert flat.step_cost(3) == pytest.approx(1.0)
+    # nothing timed at two sizes yet: the prior is a lone request's slope, read per row (the
+    # batch scale would stop drafting, and so the timings that could correct it)
+    from specplug.cost import CostModel
+
+    fresh = CostModel()
+    fresh.observe(8, 0.1)
+    for d in range(5):
+        assert BatchedCost(fresh, 8).step_cost(d) == pytest.approx(fresh.step_cost(d))
 
 
 def test_chain_proposer_drafts_shorter_chains_in_a_batch_on_a_steep_curve():
