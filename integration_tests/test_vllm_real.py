@@ -174,9 +174,10 @@ def test_vllm_eagle_drafts_what_specplugs_head_predicts():
     print(f"one-token EAGLE steps: vLLM {vllm_accepted}/{vllm_drafts} accepted, specplug's "
           f"head teacher-forced {accepted}/{drafts}")
     assert accepted >= 10, (drafts, accepted)  # the head is useful on these prompts
-    # a request's last step may be cut at max_tokens: allow one step per prompt of slack
+    # a request's last step may be cut at max_tokens: allow one step per prompt of slack in
+    # the count of steps; acceptances agreed exactly here (35 / 112), allow two for float noise
     assert abs(vllm_drafts - drafts) <= len(PROMPTS), (vllm_drafts, drafts)
-    assert abs(vllm_accepted - accepted) <= len(PROMPTS), (vllm_accepted, accepted)
+    assert abs(vllm_accepted - accepted) <= 2, (vllm_accepted, accepted)
 
 
 def _to_llava15_layout(weights: Path) -> None:
