@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchedCost", "Curve", "CostModel", "best_depth"]
+__all__ = ["BatchedCost", "Curve", "CostModel", "batch_view", "best_depth"]
 
 
 @dataclass
@@ -180,6 +180,12 @@ class BatchedCost:
 
     def step_cost(self, depth: int) -> float:
         return self.relative(1 + depth) + self.draft_per_token() * depth
+
+
+def batch_view(cost: CostModel, rows: int) -> CostModel | BatchedCost:
+    """What a row of a ``rows``-row batch reads: ``cost`` itself for one row (no extra reads
+    per step), else ``BatchedCost(cost, rows)``."""
+    return BatchedCost(cost, rows) if rows > 1 else cost
 
 
 def best_depth(accept_rate: float, max_depth: int, cost: CostModel | BatchedCost | None,

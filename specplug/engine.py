@@ -17,7 +17,7 @@ import torch
 from specplug.adapt.base import Observer, VerifyRecord, teacher_topk
 from specplug.budget import cached_calibration, calibrate
 from specplug.config import SpecConfig
-from specplug.cost import BatchedCost, CostModel
+from specplug.cost import CostModel, batch_view
 from specplug.drafters.base import DraftContext, Drafter, StepOutcome
 from specplug.multimodal import check_media_inputs, media_token_ids
 from specplug.plugins import get_plugin_manager, get_registry
@@ -310,12 +310,12 @@ def speculative_generate(
     # per row, hidden features of the tokens committed since the drafter last saw any
     hidden = None if out.hidden is None else [out.hidden[b, am[b]] for b in range(B)]
 
+    # the runner scores every row's tree in one forward: a row's draft tokens are priced at
+    # the batch's scale (speculator.cost is by total scored tokens)
+    cost = batch_view(speculator.cost, B)
     try:
         step = 0
         while any(active):
-            # the runner scores every row's tree in one forward: a row's draft tokens are
-            # priced at the batch's scale (speculator.cost is by total scored tokens)
-            cost = BatchedCost(speculator.cost, B) if B > 1 else speculator.cost
             ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
                                generator=generator, target_hidden=hidden, cost=cost)
             limits = [max_new_tokens - len(new[b]) - 1 if active[b] else 0 for b in range(B)]

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from specplug.config import SpecConfig
-from specplug.cost import BatchedCost
+from specplug.cost import batch_view
 from specplug.drafters.base import DraftContext, StepOutcome
 from specplug.drafters.model_drafter import check_vocab, output_vocab
 from specplug.engine import Speculator
@@ -143,10 +143,8 @@ class ChainProposer:
             self.drafter.start([r[:-1] for r in rows])
             self.restarts += 1
         limits = [self._limit(r) if a else 0 for r, a in zip(rows, active)]
-        live = sum(active)
-        cost = self.speculator.cost
         ctx = DraftContext(tokens=rows, active=active, sampling=self.sampling,
-                           cost=BatchedCost(cost, live) if live > 1 else cost)
+                           cost=batch_view(self.speculator.cost, sum(active)))
         tree = self.builder.build(self.drafter, ctx, limits, self.vocab_size)
         counts = tree.num_nodes.tolist()
         chains = [tree.tokens[b, :n].tolist() for b, n in enumerate(counts)]

@@ -69,6 +69,7 @@ def test_exported_head_computes_what_ours_does_from_the_raw_embedding_table(tmp_
     ({"fc_bias": True}, "has a bias"),
     ({"hidden_layers": [-1, 0]}, "final hidden states"),
     ({"hidden_size": 48}, "hidden size 48"),
+    ("vlm", "vision-language model"),
 ])
 def test_heads_vllm_cannot_serve_are_refused_by_name(tmp_path, change, message):
     from specplug.heads.config import HeadConfig
@@ -77,9 +78,12 @@ def test_heads_vllm_cannot_serve_are_refused_by_name(tmp_path, change, message):
     llama = tiny_llama(0)
     base = {"kind": "eagle", "hidden_size": H, "vocab_size": VOCAB, "draft_vocab_size": VOCAB,
             "num_attention_heads": 4}
+    target = llama.config.to_dict()
+    if change == "vlm":  # a LLaVA-style config: the language model under text_config
+        target, change = {"model_type": "llava", "text_config": target}, {}
     net = build_net(HeadConfig(**{**base, **change}))
     with pytest.raises(ValueError, match=message):
-        export_vllm_eagle(net, tmp_path / "out", llama.config.to_dict())
+        export_vllm_eagle(net, tmp_path / "out", target)
     assert not (tmp_path / "out").exists()
 
 

@@ -41,18 +41,9 @@ SCALED_EMBEDDING_TYPES = ("gemma",)
 def embedding_scale(target_config: Mapping[str, Any]) -> float:
     """The constant the target's embedding module multiplies the table rows by (1 for
     Llama-style targets, ``sqrt(hidden_size)`` for Gemma's), from its ``config.json``."""
-    model_type = str(target_config.get("model_type", ""))
-    text = target_config.get("text_config")
-    if isinstance(text, Mapping) and text.get("model_type"):
-        model_type, target_config = str(text["model_type"]), text
-    if model_type.startswith(SCALED_EMBEDDING_TYPES):
+    if str(target_config.get("model_type", "")).startswith(SCALED_EMBEDDING_TYPES):
         return math.sqrt(int(target_config["hidden_size"]))
     return 1.0
-
-
-def _text_config(target_config: Mapping[str, Any]) -> Mapping[str, Any]:
-    text = target_config.get("text_config")
-    return text if isinstance(text, Mapping) and "hidden_size" in text else target_config
 
 
 def _check_exportable(net: DraftNet, target_config: Mapping[str, Any]) -> None:
@@ -68,8 +59,11 @@ def _check_exportable(net: DraftNet, target_config: Mapping[str, Any]) -> None:
     if list(cfg.hidden_layers) != [-1]:
         raise ValueError(f"this eagle head reads hidden_layers={cfg.hidden_layers}; vLLM's EAGLE-1 "
                          "drafter feeds only the target's final hidden states ([-1])")
-    text = _text_config(target_config)
-    H, V = int(text["hidden_size"]), int(text["vocab_size"])
+    if "text_config" in target_config:
+        raise ValueError("the target is a vision-language model; vLLM 0.32's EAGLE-1 drafter "
+                         "takes no multimodal inputs, so serve it with a token-id drafter "
+                         "(docs/multimodal.md#vllm)")
+    H, V = int(target_config["hidden_size"]), int(target_config["vocab_size"])
     if (cfg.hidden_size, cfg.vocab_size) != (H, V):
         raise ValueError(
             f"head/target mismatch: the eagle head was trained for hidden size "
@@ -98,7 +92,6 @@ def vllm_eagle_state(net: DraftNet, embed_scale: float = 1.0) -> dict[str, torch
 def _llama_config(net: DraftNet, target_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = net.config
     heads = cfg.num_attention_heads
-    text = _text_config(target_config)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -110,7 +103,7 @@ def _llama_config(net: DraftNet, target_config: Mapping[str, Any]) -> dict[str, 
         "head_dim": cfg.head_dim or cfg.hidden_size // heads,
         "hidden_act": "silu",
         "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": int(text.get("max_position_embeddings") or 8192),
+        "max_position_embeddings": int(target_config.get("max_position_embeddings") or 8192),
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
