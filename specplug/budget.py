@@ -102,8 +102,7 @@ def calibrate(score: Callable[[int], float], widths: Sequence[int] = CALIBRATION
             samples[n].append(score(n))
     model = CostModel(calibrated=True)
     for n, ts in samples.items():
-        model.target.times[n] = statistics.median(ts)
-        model.target.counts[n] = len(ts)
+        model.target.seed(n, statistics.median(ts), len(ts))
     return model
 
 

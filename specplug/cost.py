@@ -1,6 +1,6 @@
 """How much a speculative step costs as a function of how much is drafted and scored.
 
-Two measured curves, both as moving averages per size:
+Two measured curves, each the median of the latest timings per size:
 
 - the target's forward time by number of tokens scored (``observe``), from a one-off
   calibration per model and device (``specplug.budget.calibrate``, cached on disk) and then from
@@ -15,6 +15,8 @@ of a plain one-token target forward.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,17 +25,31 @@ __all__ = ["BatchedCost", "Curve", "CostModel", "batch_view", "best_depth"]
 
 @dataclass
 class Curve:
-    """Seconds by size: per-size moving averages, read by interpolation between measured
-    sizes and by a weighted least-squares line outside them."""
+    """Seconds by size: per size the median of the last ``window`` timings, read by
+    interpolation between measured sizes and by a weighted least-squares line outside them.
 
-    decay: float = 0.2
-    times: dict[int, float] = field(default_factory=dict)
-    counts: dict[int, int] = field(default_factory=dict)
+    A median, not a moving average: one forward slowed by another process would otherwise
+    raise its size's cost for many steps, and a budget rule that then stops choosing that
+    size never times it again to correct it (on the 2-core CI machine this made adaptive
+    ``ngram`` treat 2-token drafts as 20% dearer than they are)."""
+
+    window: int = 15
+    times: dict[int, float] = field(default_factory=dict)   # per size: the median
+    counts: dict[int, int] = field(default_factory=dict)    # per size: timings seen
+    samples: dict[int, deque[float]] = field(default_factory=dict)
 
     def observe(self, n: int, seconds: float) -> None:
-        old = self.times.get(n)
-        self.times[n] = seconds if old is None else old + self.decay * (seconds - old)
+        window = self.samples.setdefault(n, deque(maxlen=self.window))
+        window.append(seconds)
+        self.times[n] = statistics.median(window)
         self.counts[n] = self.counts.get(n, 0) + 1
+
+    def seed(self, n: int, seconds: float, weight: int = 3) -> None:
+        """A prior timing for size ``n`` worth ``weight`` observations (a calibration's
+        median of ``weight`` rounds): live timings replace it once they outnumber it."""
+        self.samples[n] = deque([seconds] * max(weight, 1), maxlen=self.window)
+        self.times[n] = seconds
+        self.counts[n] = max(weight, 1)
 
     def line(self) -> tuple[float, float] | None:
         """``(intercept, slope)`` of the fitted line; None before two sizes are measured."""
@@ -75,17 +91,17 @@ class CostModel:
     Args:
         prior_slope: relative cost of one extra scored token (``cost(n) / cost(1) = 1 +
             prior_slope * (n - 1)``) used until two different counts have been timed.
-        decay: weight of the newest observation in each moving average.
+        window: timings kept per size (their median is the size's cost).
     """
 
     prior_slope: float = 0.15
-    decay: float = 0.2
+    window: int = 15
     target: Curve = field(default_factory=Curve)
     draft: Curve = field(default_factory=Curve)
     calibrated: bool = False  # the target curve was measured over a range of sizes
 
     def __post_init__(self) -> None:
-        self.target.decay = self.draft.decay = self.decay
+        self.target.window = self.draft.window = self.window
 
     # --- observations ---------------------------------------------------------------------
     def observe(self, n_tokens: int, seconds: float) -> None:
@@ -143,8 +159,7 @@ class CostModel:
     def from_dict(cls, data: dict[str, Any]) -> CostModel:
         model = cls(calibrated=True)
         for n, t in data["target"].items():
-            model.target.times[int(n)] = float(t)
-            model.target.counts[int(n)] = int(data.get("counts", {}).get(n, 1))
+            model.target.seed(int(n), float(t), int(data.get("counts", {}).get(n, 1)))
         return model
 
 

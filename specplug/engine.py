@@ -97,7 +97,7 @@ class ModelTargetRunner:
         """Wait for the device (CUDA forwards return before they finish)."""
         _sync(self.runner.device)
 
-    def calibrate_cost(self, prompt: list[int], repeats: int = 3, use_cache: bool = True
+    def calibrate_cost(self, prompt: list[int], repeats: int = 7, use_cache: bool = True
                        ) -> CostModel:
         """The target's forward time by scored tokens on this machine, measured once per model,
         device, dtype and thread count (``specplug.budget.cached_calibration``) on a chain
@@ -111,7 +111,8 @@ class ModelTargetRunner:
                "class": type(model).__name__,
                "config": cfg.to_json_string() if hasattr(cfg, "to_json_string") else repr(cfg),
                "device": str(param.device), "dtype": str(param.dtype),
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "repeats": repeats}
 
         def measure() -> CostModel:
             media = media_token_ids(model)  # text only: the cost of decoding steps
@@ -322,8 +323,9 @@ def speculative_generate(
             t_draft = time.perf_counter()
             tree = builder.build(drafter, ctx, limits, runner.vocab_size)
             layout = TreeLayout.from_tree(tree)
-            speculator.cost.observe_draft(int(layout.depth.max()) if tree.width else 0,
-                                          time.perf_counter() - t_draft)
+            if step:  # the first step's drafting also reads the whole prompt: a one-off
+                speculator.cost.observe_draft(int(layout.depth.max()) if tree.width else 0,
+                                              time.perf_counter() - t_draft)
             roots = torch.tensor([t[-1] for t in tokens], dtype=torch.long)
             t_score = time.perf_counter()
             scored = runner.score(roots, tree, layout)

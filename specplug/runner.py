@@ -279,8 +279,11 @@ class ModelRunner:
         # padding entries point at slot `committed` (a valid index for the vidx gather below);
         # num_keep keeps them out of the move
         src = self.committed + torch.where(used, keep, 0)
-        self.cache.move(self.committed, src, num_keep)
         base = self.committed
+        # a kept path already in place (a chain's accepted prefix) needs no copy; the check
+        # is free on CPU only (on a GPU it would wait for the device), so there it always moves
+        if src.device.type != "cpu" or not bool((~used | (src == base + torch.arange(K))).all()):
+            self.cache.move(base, src, num_keep)
         new_vidx = self.vidx.gather(1, src)
         self.valid = torch.cat([self.valid[:, :base], used], 1)
         self.vidx = torch.cat([self.vidx[:, :base], new_vidx], 1)

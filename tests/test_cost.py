@@ -21,6 +21,28 @@ def curve(per_token: float) -> CostModel:
     return m
 
 
+def test_one_slow_forward_does_not_make_a_size_look_dear():
+    cost = CostModel()
+    for _ in range(5):
+        cost.observe(1, 0.040)
+        cost.observe(3, 0.044)
+    cost.observe(3, 0.200)  # another process took the cores for one forward
+    assert cost.relative(3) == pytest.approx(1.1)
+    for _ in range(8):  # a lasting change is followed
+        cost.observe(3, 0.080)
+    assert cost.relative(3) == pytest.approx(2.0)
+
+
+def test_a_calibration_gives_way_to_live_timings():
+    cost = CostModel.from_dict({"target": {"1": 0.040, "3": 0.044}, "counts": {"1": 3, "3": 3}})
+    cost.observe(3, 0.060)
+    cost.observe(3, 0.060)
+    assert cost.relative(3) == pytest.approx(1.1)  # outvoted by the calibration, so far
+    cost.observe(3, 0.060)
+    cost.observe(3, 0.060)
+    assert cost.relative(3) == pytest.approx(1.5)
+
+
 def test_fitted_slope():
     assert CostModel().slope() == pytest.approx(0.15)  # prior before two sizes are seen
     assert curve(0.0).slope() == pytest.approx(0.0, abs=1e-9)  # a GPU-like flat curve

@@ -58,3 +58,25 @@ def test_extend_commits_ragged_blocks():
                           atol=1e-5)
     assert torch.allclose(out.logits[1, 0], full_logits(model, [4, 5, 6])[-1], atol=1e-5)
     assert runner.vlen.tolist() == [6, 4]
+
+
+def test_a_kept_path_in_place_is_not_copied_and_a_branch_is(monkeypatch):
+    model = tiny_llama(0)
+    runner = ModelRunner(model)
+    seq = [5, 6, 7, 8]
+    runner.prefill(torch.tensor([seq]), torch.ones(1, 4, dtype=torch.long))
+    moves = []
+    real_move = runner.cache.move
+    monkeypatch.setattr(runner.cache, "move", lambda *a: (moves.append(a), real_move(*a)))
+    parents = torch.tensor([[-1, 0, 1, 0]])  # 20 -> 21 -> 22, and 20 -> 23
+    runner.append(torch.tensor([[20, 21, 22, 23]]), parents, torch.ones(1, 4, dtype=torch.bool))
+    runner.commit(torch.tensor([[0, 1]]), torch.tensor([2]))  # a chain prefix: in place
+    assert moves == []
+    seq += [20, 21]
+    runner.append(torch.tensor([[30, 31, 32, 33]]), parents, torch.ones(1, 4, dtype=torch.bool))
+    runner.commit(torch.tensor([[0, 3]]), torch.tensor([2]))  # the side branch: moved
+    assert len(moves) == 1
+    seq += [30, 33]
+    out = runner.append(torch.tensor([[40, 41]]), torch.tensor([[-1, 0]]),
+                        torch.ones(1, 2, dtype=torch.bool))
+    assert torch.allclose(out.logits[0], full_logits(model, seq + [40, 41])[-2:], atol=1e-5)
