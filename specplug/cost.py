@@ -44,7 +44,7 @@ class Curve:
         self.times[n] = statistics.median(window)
         self.counts[n] = self.counts.get(n, 0) + 1
 
-    def seed(self, n: int, seconds: float, weight: int = 3) -> None:
+    def seed(self, n: int, seconds: float, weight: int) -> None:
         """A prior timing for size ``n`` worth ``weight`` observations (a calibration's
         median of ``weight`` rounds): live timings replace it once they outnumber it."""
         self.samples[n] = deque([seconds] * max(weight, 1), maxlen=self.window)

@@ -10,7 +10,7 @@ from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug import SpecConfig
 from specplug.budget import best_tree_size, cached_calibration, calibrate, worth_extending
-from specplug.cost import CostModel
+from specplug.cost import BatchedCost, CostModel
 from specplug.drafters.base import Candidates, DraftContext, Drafter, DrafterOptions
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
 from specplug.sampling import SamplingParams
@@ -209,8 +209,6 @@ def test_a_row_of_a_batch_drafts_less_on_a_steep_curve():
     """With every row scored in one forward, a row's draft tokens cost ``rows`` times as much
     of the step: on a steep curve a row of a batch of 4 gets a shorter chain than alone; on a
     flat curve the same one."""
-    from specplug.cost import BatchedCost
-
     builder, drafter = ChainBuilder(8), Confident(0.9)
     for slope, shorter in ((0.15, True), (0.0, False)):
         alone = int(builder.build(drafter, _ctx(linear(slope)), [8], 64).num_nodes[0])
@@ -222,8 +220,6 @@ def test_a_row_of_a_batch_drafts_less_on_a_steep_curve():
 def test_the_engine_reads_the_cost_at_the_batch_scale():
     """``speculative_generate`` hands drafters a ``BatchedCost`` over its rows and times its
     forwards against the batch's total scored tokens; the output stays greedy's."""
-    from specplug.cost import BatchedCost
-
     llama = tiny_llama(0)
     ids, mask = repetitive_prompts([12, 9, 15], seed=4)
     spec = Speculator.from_config(SpecConfig(method="layer_skip", layers=1,

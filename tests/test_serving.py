@@ -9,6 +9,7 @@ from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug.adapters.vllm import PROPOSER, fixed_cpu_expand, translate_speculative_config
 from specplug.config import SpecConfig
+from specplug.cost import BatchedCost, CostModel
 from specplug.serving import ChainProposer
 
 
@@ -272,8 +273,6 @@ def test_suffix_cache_serves_later_requests_from_earlier_ones():
 
 def _linear_cost(intercept: float, per_token: float):
     """A calibrated ``CostModel`` whose step time is ``intercept + per_token * n``."""
-    from specplug.cost import CostModel
-
     cost = CostModel(calibrated=True)
     for n in (1, 2, 4, 8, 16, 32):
         cost.observe(n, intercept + per_token * n)
@@ -281,8 +280,6 @@ def _linear_cost(intercept: float, per_token: float):
 
 
 def test_batched_cost_prices_a_rows_tokens_at_the_batch_scale():
-    from specplug.cost import BatchedCost
-
     cost = _linear_cost(0.9, 0.1)
     single = BatchedCost(cost, 1)
     for d in range(5):
@@ -295,8 +292,6 @@ def test_batched_cost_prices_a_rows_tokens_at_the_batch_scale():
     assert flat.step_cost(3) == pytest.approx(1.0)
     # nothing timed at two sizes yet: the prior is a lone request's slope, read per row (the
     # batch scale would stop drafting, and so the timings that could correct it)
-    from specplug.cost import CostModel
-
     fresh = CostModel()
     fresh.observe(8, 0.1)
     for d in range(5):
