@@ -14,7 +14,7 @@ drafter's proposals.
     python benchmarks/budget_replay.py --model smollm2-135m \\
         --out benchmarks/results/adaptive/smollm2-135m-replay
 
-Writes ``greedy.jsonl`` (the recorded answers, reused when present) and ``replay.json``
+Writes ``greedy.jsonl`` (the recorded answers, reused when present) and ``replay-depth<N>.json``
 under ``--out``, and prints speedups in the cost model's units (not wall-clock seconds).
 """
 
@@ -31,7 +31,7 @@ from specplug.drafters.base import DraftContext, StepOutcome
 from specplug.drafters.ngram import NgramDrafter, NgramOptions
 from specplug.sampling import SamplingParams
 
-ORACLE_DEPTH = 16  # what the oracle may draft: the adaptive drafter's own cap
+MAX_DEPTH = NgramDrafter.default_num_speculative_tokens  # the adaptive rule's and oracle's cap
 
 
 def record_greedy(model_name: str, prompts: str, max_new: int, path: Path) -> list[dict]:
@@ -82,20 +82,21 @@ def _accepted(draft: list[int], truth: list[int]) -> int:
     return n
 
 
-def replay(turns: list[dict], rule: str, cost: CostModel, max_new: int, overhead: float
-           ) -> dict[str, Any]:
-    """Replay one rule (``adaptive``, ``fixed:K`` or ``oracle``) over every turn with one
-    drafter (its learnt acceptance carries across turns, as in ``specplug bench``)."""
+def replay(turns: list[dict], rule: str, cost: CostModel, max_new: int, overhead: float,
+           max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """Replay one rule (``adaptive``, ``fixed:K`` or ``oracle``, the last two drafting at
+    most ``max_depth`` tokens) over every turn with one drafter (its learnt acceptance
+    carries across turns, as in ``specplug bench``)."""
     kind, _, k = rule.partition(":")
     if kind == "fixed":
         drafter = NgramDrafter(NgramOptions(adaptive=False), max_depth=int(k))
     elif kind == "adaptive":
-        drafter = NgramDrafter(NgramOptions(), max_depth=ORACLE_DEPTH)
+        drafter = NgramDrafter(NgramOptions(), max_depth=max_depth)
     elif kind == "oracle":
-        drafter = NgramDrafter(NgramOptions(adaptive=False), max_depth=ORACLE_DEPTH)
+        drafter = NgramDrafter(NgramOptions(adaptive=False), max_depth=max_depth)
     else:
         raise ValueError(f"unknown rule {rule!r}: adaptive, fixed:K or oracle")
-    step = {d: cost.relative(1 + d) + overhead for d in range(ORACLE_DEPTH + 1)}
+    step = {d: cost.relative(1 + d) + overhead for d in range(drafter.max_depth + 1)}
     time: dict[str, float] = defaultdict(float)
     plain: dict[str, float] = defaultdict(float)
     tokens = steps = 0
@@ -132,6 +133,8 @@ def main() -> None:
     ap.add_argument("--prompts", default=str(Path(__file__).with_name("prompts.jsonl")))
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--fixed", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16])
+    ap.add_argument("--max-depth", type=int, default=MAX_DEPTH,
+                    help="the adaptive rule's and the oracle's cap (num_speculative_tokens)")
     ap.add_argument("--overhead", type=float, default=0.08,
                     help="per-step cost besides the target forward, in one-token forwards")
     ap.add_argument("--out", required=True)
@@ -146,7 +149,8 @@ def main() -> None:
     model, _ = load_model(args.model)  # the engine's cached calibration of this machine
     cost = ModelTargetRunner(model).calibrate_cost(turns[0]["prompt"])
     rules = ["adaptive", *(f"fixed:{k}" for k in args.fixed), "oracle"]
-    results = [replay(turns, r, cost, args.max_new_tokens, args.overhead) for r in rules]
+    results = [replay(turns, r, cost, args.max_new_tokens, args.overhead, args.max_depth)
+               for r in rules]
     best = max((r for r in results if r["rule"].startswith("fixed")), key=lambda r: r["speedup"])
     cats = sorted(results[0]["by_category"])
     print(f"{len(turns)} turns; speedups in cost-model units; best fixed: {best['rule']}")
@@ -155,8 +159,9 @@ def main() -> None:
         print(f"{r['rule']:11s} {r['speedup']:6.3f}x  {r['speedup'] / best['speedup'] - 1:+7.1%}"
               f"  {r['accepted_per_step']:13.2f}  "
               + " ".join(f"{r['by_category'][c]:8.2f}" for c in cats))
-    (out / "replay.json").write_text(json.dumps(
+    (out / f"replay-depth{args.max_depth}.json").write_text(json.dumps(
         {"model": args.model, "turns": len(turns), "overhead": args.overhead,
+         "max_depth": args.max_depth,
          "curve_ms": {n: t * 1000 for n, t in sorted(cost.times.items())},
          "results": [{k: v for k, v in r.items() if k != "accepted"} for r in results]},
         indent=1))

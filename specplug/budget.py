@@ -29,7 +29,8 @@ from specplug.cost import CostModel
 __all__ = ["CALIBRATION_WIDTHS", "AcceptanceCalibration", "best_tree_size", "calibrate",
            "cached_calibration", "worth_extending"]
 
-#: scored-token counts timed by ``calibrate`` (chains up to 16 deep, trees up to 31 nodes)
+#: scored-token counts timed by ``calibrate`` (chains up to 31 deep: ``ngram``'s
+#: default cap of 32 reads one token past them; trees up to 31 nodes)
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 5, 6, 8, 11, 16, 24, 32)
 
 

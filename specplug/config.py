@@ -25,7 +25,7 @@ class SpecConfig(BaseModel):
     Attributes:
         method: drafter name (``ngram``, ``draft_model``, ``layer_skip`` or a plugin's).
         num_speculative_tokens: chain length; the max depth of trees (default: the drafter's
-            ``default_num_speculative_tokens``: 16 for ``ngram``, whose adaptive depth makes a
+            ``default_num_speculative_tokens``: 32 for ``ngram``, whose adaptive depth makes a
             deep cap safe, 4 for model drafters).
         tree: ``chain`` | ``static`` (``tree_paths``) | ``dynamic`` (``tree_budget``,
             ``tree_topk``).

@@ -62,7 +62,7 @@ def test_the_oracle_is_never_worse_than_its_own_longest_draft(turns_and_engine_s
     turns, _ = turns_and_engine_steps
     flat = CostModel(prior_slope=0.0)
     oracle = replay_module.replay(turns, "oracle", flat, MAX_NEW, overhead=0.0)
-    full = replay_module.replay(turns, f"fixed:{replay_module.ORACLE_DEPTH}", flat, MAX_NEW,
+    full = replay_module.replay(turns, f"fixed:{replay_module.MAX_DEPTH}", flat, MAX_NEW,
                                 overhead=0.0)
     assert oracle["accepted"] == full["accepted"]
     assert oracle["speedup"] == pytest.approx(full["speedup"])

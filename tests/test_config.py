@@ -16,7 +16,7 @@ def error_of(**kw) -> str:
 
 def test_defaults_and_drafter_options():
     cfg = SpecConfig(method="ngram", prompt_lookup_max=3)
-    assert cfg.num_speculative_tokens == 16 and cfg.tree == "chain"  # ngram's own default
+    assert cfg.num_speculative_tokens == 32 and cfg.tree == "chain"  # ngram's own default
     assert SpecConfig(method="layer_skip").num_speculative_tokens == 4
     assert cfg.acceptance_method == "rejection_sampler"  # lossless by default
     assert cfg.drafter_options.prompt_lookup_max == 3

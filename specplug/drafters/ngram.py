@@ -206,9 +206,13 @@ class NgramDrafter(Drafter):
 
     name = "ngram"
     Options = NgramOptions
-    default_num_speculative_tokens = 16
+    #: a cap, not a length: the adaptive rule drafts what pays under the measured cost curve,
+    #: which ``specplug.budget.calibrate`` times up to 32 scored tokens. Where that curve is
+    #: flat beyond 16 (Gemma-3-270M on 2 cores: 32 tokens cost 1.2x 16) loops and copies go
+    #: twice as far per step (``docs/adaptive.md``).
+    default_num_speculative_tokens = 32
 
-    def __init__(self, options: NgramOptions | None = None, max_depth: int = 16):
+    def __init__(self, options: NgramOptions | None = None, max_depth: int = 32):
         super().__init__(options)
         self.max_depth = max_depth
         self.rows: list[_RowIndex] = []
