@@ -212,7 +212,8 @@ class NgramDrafter(Drafter):
     #: twice as far per step (``docs/adaptive.md``).
     default_num_speculative_tokens = 32
 
-    def __init__(self, options: NgramOptions | None = None, max_depth: int = 32):
+    def __init__(self, options: NgramOptions | None = None,
+                 max_depth: int = default_num_speculative_tokens):
         super().__init__(options)
         self.max_depth = max_depth
         self.rows: list[_RowIndex] = []
