@@ -30,6 +30,7 @@ from specplug.cost import CostModel
 from specplug.drafters.base import DraftContext, StepOutcome
 from specplug.drafters.ngram import NgramDrafter, NgramOptions
 from specplug.sampling import SamplingParams
+from specplug.tree import ChainBuilder
 
 MAX_DEPTH = NgramDrafter.default_num_speculative_tokens  # the adaptive rule's and oracle's cap
 
@@ -62,19 +63,6 @@ def record_greedy(model_name: str, prompts: str, max_new: int, path: Path) -> li
     return turns
 
 
-def _chain(root: Any, limit: int) -> list[int]:
-    """The chain the engine's ``ChainBuilder`` takes through an n-gram trie: top candidate
-    at every depth, at most ``limit`` tokens."""
-    out, node = [], root
-    while len(out) < limit:
-        c = node.candidates(1)
-        if not c.tokens:
-            break
-        out.append(c.tokens[0])
-        node = c.handles[0]
-    return out
-
-
 def _accepted(draft: list[int], truth: list[int]) -> int:
     n = 0
     while n < len(draft) and n < len(truth) and draft[n] == truth[n]:
@@ -96,6 +84,7 @@ def replay(turns: list[dict], rule: str, cost: CostModel, max_new: int, overhead
         drafter = NgramDrafter(NgramOptions(adaptive=False), max_depth=max_depth)
     else:
         raise ValueError(f"unknown rule {rule!r}: adaptive, fixed:K or oracle")
+    builder = ChainBuilder(drafter.max_depth)  # the engine's: top candidate at every depth
     step = {d: cost.relative(1 + d) + overhead for d in range(drafter.max_depth + 1)}
     time: dict[str, float] = defaultdict(float)
     plain: dict[str, float] = defaultdict(float)
@@ -109,7 +98,9 @@ def replay(turns: list[dict], rule: str, cost: CostModel, max_new: int, overhead
         while p < len(answer):
             ctx = DraftContext(tokens=[prompt + answer[:p]], active=[True],
                                sampling=SamplingParams(), cost=cost)
-            draft = _chain(drafter.begin(ctx)[0], max_new - p - 1)
+            # vocab_size sizes draft distributions, which a deterministic drafter has none of
+            tree = builder.build(drafter, ctx, [max_new - p - 1], vocab_size=1)
+            draft = tree.tokens[0, :int(tree.num_nodes[0])].tolist()
             n = _accepted(draft, answer[p:])
             if kind == "oracle":  # knows n: drafts the count that pays best, at most n
                 draft = draft[:max(range(n + 1), key=lambda d: (d + 1) / step[d])]
