@@ -37,12 +37,18 @@ class Curve:
     times: dict[int, float] = field(default_factory=dict)   # per size: the median
     counts: dict[int, int] = field(default_factory=dict)    # per size: timings seen
     samples: dict[int, deque[float]] = field(default_factory=dict)
+    #: bumped by every write: readers (the fit here, ``CostModel.step_cost``) memoise on it,
+    #: because budget rules read ~30 sizes per step and refitting each time cost 0.7 ms a step
+    version: int = field(default=0, compare=False)
+    _fit: tuple[int, tuple[float, float] | None] | None = field(default=None, init=False,
+                                                                 repr=False, compare=False)
 
     def observe(self, n: int, seconds: float) -> None:
         window = self.samples.setdefault(n, deque(maxlen=self.window))
         window.append(seconds)
         self.times[n] = statistics.median(window)
         self.counts[n] = self.counts.get(n, 0) + 1
+        self.version += 1
 
     def seed(self, n: int, seconds: float, weight: int) -> None:
         """A prior timing for size ``n`` worth ``weight`` observations (a calibration's
@@ -50,9 +56,15 @@ class Curve:
         self.samples[n] = deque([seconds] * max(weight, 1), maxlen=self.window)
         self.times[n] = seconds
         self.counts[n] = max(weight, 1)
+        self.version += 1
 
     def line(self) -> tuple[float, float] | None:
         """``(intercept, slope)`` of the fitted line; None before two sizes are measured."""
+        if self._fit is None or self._fit[0] != self.version:
+            self._fit = (self.version, self._fit_line())
+        return self._fit[1]
+
+    def _fit_line(self) -> tuple[float, float] | None:
         ns = sorted(self.times)
         if len(ns) < 2:
             return None
@@ -99,6 +111,10 @@ class CostModel:
     target: Curve = field(default_factory=Curve)
     draft: Curve = field(default_factory=Curve)
     calibrated: bool = False  # the target curve was measured over a range of sizes
+    _steps: dict[int, float] = field(default_factory=dict, init=False, repr=False,
+                                     compare=False)  # step_cost memo for _steps_version
+    _steps_version: tuple[int, int] = field(default=(-1, -1), init=False, repr=False,
+                                            compare=False)
 
     def __post_init__(self) -> None:
         self.target.window = self.draft.window = self.window
@@ -147,8 +163,15 @@ class CostModel:
 
     def step_cost(self, depth: int) -> float:
         """Cost of a step that drafts ``depth`` tokens (a chain, or a tree of ``depth``
-        nodes) and scores them with its root, relative to a plain one-token forward."""
-        return self.relative(1 + depth) + self.draft_per_token() * depth
+        nodes) and scores them with its root, relative to a plain one-token forward.
+        Memoised until either curve next changes."""
+        version = (self.target.version, self.draft.version)
+        if version != self._steps_version:
+            self._steps, self._steps_version = {}, version
+        cost = self._steps.get(depth)
+        if cost is None:
+            cost = self._steps[depth] = self.relative(1 + depth) + self.draft_per_token() * depth
+        return cost
 
     # --- persistence -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -104,9 +104,9 @@ def verify_exact(tree: DraftTree, target_logits: torch.Tensor, sampling: Samplin
     """Lossless recursive rejection sampling over trees (chains are the one-child case),
     through ``specplug.kernels.verify_tree``; its uniforms come from ``generator``. Top-k /
     top-p warp the logits first (temperature then travels inside the warped logits)."""
-    _check_logits(tree, target_logits)
     if sampling.greedy:
         return verify_greedy(tree, target_logits, layout)
+    _check_logits(tree, target_logits)
     layout = layout or TreeLayout.from_tree(tree)
     B, N = tree.tokens.shape
     temperature = sampling.temperature

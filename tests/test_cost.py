@@ -43,6 +43,34 @@ def test_a_calibration_gives_way_to_live_timings():
     assert cost.relative(3) == pytest.approx(1.5)
 
 
+def _write(model: CostModel, kind: str, n: int, seconds: float) -> None:
+    if kind == "observe":
+        model.observe(n, seconds)
+    elif kind == "draft":
+        model.observe_draft(n, seconds)
+    else:
+        model.target.seed(n, seconds, 20)
+
+
+def test_memoised_step_costs_follow_every_new_timing():
+    """``step_cost`` is memoised; after every kind of write it equals a fresh model's."""
+    writes = [("observe", 1, 0.040), ("observe", 5, 0.080), ("observe", 1, 0.040),
+              ("observe", 5, 0.080), ("draft", 0, 0.0), ("draft", 4, 0.0),
+              ("observe", 5, 0.040), ("observe", 5, 0.040), ("observe", 5, 0.040),
+              ("draft", 4, 0.030), ("draft", 4, 0.030), ("seed", 5, 0.060)]
+    memo = CostModel()
+    costs = set()
+    for i, write in enumerate(writes):
+        _write(memo, *write)
+        fresh = CostModel()
+        for earlier in writes[: i + 1]:
+            _write(fresh, *earlier)
+        for depth in (0, 2, 4, 9):
+            assert memo.step_cost(depth) == pytest.approx(fresh.step_cost(depth))
+        costs.add(round(memo.step_cost(4), 6))
+    assert len(costs) >= 5  # the writes did move the cost the memo had to follow
+
+
 def test_fitted_slope():
     assert CostModel().slope() == pytest.approx(0.15)  # prior before two sizes are seen
     assert curve(0.0).slope() == pytest.approx(0.0, abs=1e-9)  # a GPU-like flat curve

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specplug.sampling import SamplingParams, probs_from_logits, warp_logits
+from specplug.kernels.verify import argmax_last
+from specplug.sampling import SamplingParams, check_finite, probs_from_logits, warp_logits
 from specplug.tree import DraftTree
 from specplug.verify import verify_exact, verify_greedy, verify_typical
 
@@ -57,6 +58,41 @@ def test_shape_and_nan_errors():
     bad[0, 1, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         verify_exact(t, bad, SamplingParams(temperature=1.0))
+
+
+SHAPES = [(1, 1), (1, 7), (3, 2, 17), (9, 4099), (2, 5, 262), (4, 49152)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_argmax_last_is_torch_argmax(shape):
+    """Ties (few distinct values), NaN, all -inf rows and a non-contiguous view: the same index
+    as ``torch.argmax`` everywhere (greedy output depends on the first-of-ties rule)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    for trial in range(20):
+        x = torch.randint(0, 3, shape, generator=g).float()
+        rows = x.view(-1, shape[-1])
+        if trial % 3 == 1:
+            rows[int(torch.randint(0, rows.shape[0], (1,), generator=g))] = float("-inf")
+        if trial % 4 == 2:
+            flat = x.view(-1)
+            flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] = float("nan")
+        assert torch.equal(argmax_last(x), x.argmax(-1))
+        if x.dim() == 3:
+            view = x.transpose(0, 1)
+            assert torch.equal(argmax_last(view), view.argmax(-1))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_check_finite_finds_one_nan_anywhere(shape):
+    x = torch.randn(shape)
+    x.view(-1)[0] = float("-inf")
+    x.view(-1)[-1] = float("inf")
+    check_finite(x)  # infinities are not NaN
+    for at in (0, x.numel() // 2, x.numel() - 1):
+        bad = x.clone()
+        bad.view(-1)[at] = float("nan")
+        with pytest.raises(FloatingPointError, match="NaN in the drafter's logits"):
+            check_finite(bad, "the drafter")
 
 
 def test_exact_with_identical_q_accepts_everything():
