@@ -182,10 +182,14 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
         self.max_length = max_length
         self.started = False
         self.steps = 0
-        self.generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+        # draft noise from torch's global generator, which advances across calls: a generator
+        # re-seeded per call would draw the same draft every time, and a draft that is not a
+        # fresh sample from q breaks the exactness of speculative sampling
+        self.generator: torch.Generator | None = None
 
-    def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any
+    def get_candidates(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any
                        ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        # transformers 5.0 also passes is_first_iteration (positionally); later releases none
         tokens = input_ids[0].tolist()
         drafter = self.speculator.drafter
         if not self.started:

@@ -1,8 +1,8 @@
 """Run an HF-style causal LM over token trees with a compactable KV cache (torch only).
 
 ``ModelRunner`` drives any model with the transformers calling convention
-(``model(input_ids, attention_mask, position_ids, past_key_values, use_cache)``) without
-importing transformers: it passes its own 4-D boolean masks (a dict per layer type for models
+(``model(input_ids, attention_mask, position_ids, cache, use_cache)``; ``past_key_values`` on
+transformers before 5.24, see :func:`cache_argument`) without importing transformers: it passes its own 4-D boolean masks (a dict per layer type for models
 that mix full and sliding-window layers, as Gemma 3 does) and its own cache object, duck-typed
 to the two methods transformers' attention layers call (``update`` and ``get_seq_length``).
 
@@ -30,7 +30,24 @@ import torch
 from specplug.kernels.kv_compact import compact_kv_layers
 from specplug.multimodal import position_scheme
 
-__all__ = ["ModelRunner", "RunnerOutput", "TreeKVCache"]
+__all__ = ["ModelRunner", "RunnerOutput", "TreeKVCache", "cache_argument"]
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` (transformers >= 5.24,
+    where ``past_key_values`` is a deprecated alias) or ``past_key_values`` (older releases).
+
+    Passing the wrong one is not harmless: transformers 5.24's ``generate`` hands a custom
+    generation loop its own ``cache``, and a call with both names keeps that one and drops
+    ours (wrong tokens, silently). So the runner asks the signature, once per model.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class TreeKVCache:
@@ -124,6 +141,7 @@ class ModelRunner:
         self.capacity = capacity
         self.device = next(model.parameters()).device
         self.positions = position_scheme(model)
+        self.cache_kwarg = cache_argument(model)
         self.reset(1)
 
     # --- state ------------------------------------------------------------------------------
@@ -167,10 +185,10 @@ class ModelRunner:
             kwargs["logits_to_keep"] = logits_to_keep
         for key, value in (model_inputs or {}).items():
             kwargs[key] = value.to(self.device) if torch.is_tensor(value) else value
+        kwargs[self.cache_kwarg] = self.cache
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask,
-                         position_ids=position_ids.to(self.device), past_key_values=self.cache,
-                         use_cache=True, output_hidden_states=bool(self.hidden_layers),
-                         **kwargs)
+                         position_ids=position_ids.to(self.device), use_cache=True,
+                         output_hidden_states=bool(self.hidden_layers), **kwargs)
         hidden = None
         if self.hidden_layers:
             hidden = torch.cat([out.hidden_states[i] for i in self.hidden_layers], -1).float()

@@ -70,6 +70,27 @@ def reference_greedy(model, ids, mask, max_new_tokens, eos=None):
     return rows
 
 
+def chisquare_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's chi-square p-value of counts ``observed`` against expected counts
+    ``expected`` (same shape, any number of cells); cells expected below 5 are merged into
+    one, and at least 10 cells must remain for the test to mean something."""
+    from scipy.stats import chisquare
+
+    observed, expected = observed.flatten().double(), expected.flatten().double()
+    order = expected.argsort(descending=True)
+    exp, obs = expected[order], observed[order]
+    big = exp >= 5
+    e, o = exp[big], obs[big]
+    if not bool(big.all()):
+        rest_e, rest_o = exp[~big].sum(), obs[~big].sum()
+        if rest_e == 0 and rest_o > 0:
+            return 0.0  # a token the target can never emit was emitted
+        if rest_e > 0:
+            e, o = torch.cat([e, rest_e[None]]), torch.cat([o, rest_o[None]])
+    assert big.sum() >= 10, "too few cells for a meaningful test"
+    return float(chisquare(o.numpy(), e.numpy() * (o.sum() / e.sum()).item()).pvalue)
+
+
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]
 
 
