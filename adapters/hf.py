@@ -39,7 +39,7 @@ __all__ = ["SUPPORTED", "Assistant", "assistant", "custom_generate", "generate",
            "record_matches"]
 
 #: transformers versions whose private ``_get_candidate_generator`` seam is known to work
-SUPPORTED = (Version("5.0"), Version("6.0"))
+SUPPORTED = (Version("5.0"), Version("5.25"))  # the same range as the hf extra
 
 # Logits processors whose effect specplug's engine reproduces exactly; anything else in a
 # generation config makes ``generate`` refuse rather than silently change the output.
@@ -59,7 +59,7 @@ def _check_version() -> None:
     if not (SUPPORTED[0] <= v < SUPPORTED[1]):
         raise RuntimeError(
             f"specplug's assistant_model route supports transformers >= {SUPPORTED[0]}, "
-            f"< {SUPPORTED[1]} (tested on 5.23); found {v}. Use specplug.hf.generate(...), "
+            f"< {SUPPORTED[1]} (tested on 5.0 and 5.24); found {v}. Use specplug.hf.generate(...), "
             "which does not depend on transformers' private candidate-generator seam."
         )
 
@@ -182,10 +182,6 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
         self.max_length = max_length
         self.started = False
         self.steps = 0
-        # draft noise from torch's global generator, which advances across calls: a generator
-        # re-seeded per call would draw the same draft every time, and a draft that is not a
-        # fresh sample from q breaks the exactness of speculative sampling
-        self.generator: torch.Generator | None = None
 
     def get_candidates(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any
                        ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
@@ -201,8 +197,11 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
         budget = min(self.builder.max_depth, self.max_length - len(tokens) - 1)
         if budget < 1:
             return input_ids, None
+        # draft noise from torch's global generator (generator=None), which advances across
+        # calls like transformers' own sampling; a generator re-seeded per call draws the same
+        # draft every time, which is not a sample from q and biases the output
         ctx = DraftContext(tokens=[tokens], active=[True], sampling=self.sampling,
-                           generator=self.generator)
+                           generator=None)
         tree = self.builder.build(drafter, ctx, [budget], self.vocab_size)
         n = int(tree.num_nodes[0])
         if n == 0:

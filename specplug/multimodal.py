@@ -45,9 +45,8 @@ MEDIA_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_v
                 "vision_feature_select_strategy")
 # forward arguments specplug sets itself (never taken from the caller)
 _RESERVED = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache",
-             "inputs_embeds",
-             "labels", "use_cache", "logits_to_keep", "cache_position", "output_attentions",
-             "output_hidden_states", "return_dict", "kwargs", "args"}
+             "inputs_embeds", "labels", "use_cache", "logits_to_keep", "cache_position",
+             "output_attentions", "output_hidden_states", "return_dict", "kwargs", "args"}
 _IMAGE_IDS = ("image_token_id", "image_token_index")
 _VIDEO_IDS = ("video_token_id", "video_token_index")
 

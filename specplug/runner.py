@@ -1,10 +1,11 @@
 """Run an HF-style causal LM over token trees with a compactable KV cache (torch only).
 
 ``ModelRunner`` drives any model with the transformers calling convention
-(``model(input_ids, attention_mask, position_ids, cache, use_cache)``; ``past_key_values`` on
-transformers before 5.24, see :func:`cache_argument`) without importing transformers: it passes its own 4-D boolean masks (a dict per layer type for models
-that mix full and sliding-window layers, as Gemma 3 does) and its own cache object, duck-typed
-to the two methods transformers' attention layers call (``update`` and ``get_seq_length``).
+(``model(input_ids, attention_mask, position_ids, cache, use_cache)``; the cache keyword is
+``past_key_values`` before transformers 5.24, see :func:`cache_argument`) without importing
+transformers: it passes its own 4-D boolean masks (a dict per layer type for models that mix
+full and sliding-window layers, as Gemma 3 does) and its own cache object, duck-typed to the
+two methods transformers' attention layers call (``update`` and ``get_seq_length``).
 
 Cache layout, per layer: ``[B, H_kv, capacity, D]`` buffers. Slots ``[0, committed)`` hold
 committed tokens; a row may have *holes* (slots marked invalid) where another row accepted
