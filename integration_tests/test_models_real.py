@@ -67,6 +67,14 @@ def test_cache_folder_is_marked(loaded: tuple[str, Any, Any]) -> None:
     assert (folder / "tokenizer.json").is_file()
 
 
+def test_tokenizer_adds_bos_as_the_gguf_asks(loaded: tuple[str, Any, Any]) -> None:
+    """transformers 5.19/5.20 convert Gemma-3's tokenizer without BOS (CI caught it as heads
+    accepting nothing); the converted folder must add it where the GGUF says so."""
+    name, _, tokenizer = loaded
+    if models._gguf_adds_bos(models.locate_gguf(name)):
+        assert tokenizer("a").input_ids[0] == tokenizer.bos_token_id
+
+
 def test_model_facts(loaded: tuple[str, Any, Any]) -> None:
     name, model, tokenizer = loaded
     assert type(model).__name__ == EXPECTED_CLASS[name]

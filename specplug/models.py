@@ -59,9 +59,11 @@ __all__ = [
     "CONVERT_VERSION",
     "KNOWN_MODELS",
     "MARKER_FILENAME",
+    "ModelConversionError",
     "ModelPackageMissingError",
     "ModelSpec",
     "cache_dir",
+    "check_tokenizer_bos",
     "encode_conversation",
     "encode_prompt",
     "load_model",
@@ -74,7 +76,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bump when the converted folder layout or conversion procedure changes: old caches are redone.
-CONVERT_VERSION = 1
+CONVERT_VERSION = 2  # 2: conversions are checked to add BOS where the GGUF asks (see below)
 #: Written last into a converted folder; a folder without a matching one is rebuilt.
 MARKER_FILENAME = "specplug-convert.json"
 
@@ -304,9 +306,45 @@ def _strip_gguf_quantization(model: PreTrainedModel) -> None:
         delattr(model.config, "quantization_config")
 
 
+class ModelConversionError(RuntimeError):
+    """transformers converted a known model's GGUF into something that would change outputs."""
+
+
+def _gguf_adds_bos(gguf_path: Path) -> bool:
+    """The GGUF's own ``tokenizer.ggml.add_bos_token`` flag (False when absent)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and field.contents())
+
+
+def check_tokenizer_bos(tokenizer: Any, adds_bos: bool, source: str) -> None:
+    """Raise :class:`ModelConversionError` if the GGUF asks for BOS and ``tokenizer`` omits it.
+
+    Some transformers releases (seen with 5.19 and 5.20) convert Gemma-3's GGUF tokenizer
+    without its BOS token; Gemma without BOS emits text unrelated to the prompt, silently.
+    """
+    if not adds_bos or tokenizer.bos_token_id is None:
+        return
+    ids = tokenizer("a").input_ids
+    if not ids or ids[0] != tokenizer.bos_token_id:
+        import transformers
+
+        raise ModelConversionError(
+            f"transformers {transformers.__version__} converted {source} with a tokenizer that "
+            f"does not add the BOS token (id {tokenizer.bos_token_id}) the GGUF asks for, so "
+            "the model would see wrong input. Upgrade transformers "
+            "(pip install -U 'specplug[hf]') and load the model again; it is reconverted.")
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Write the GGUF's model (float32 safetensors) and tokenizer as an HF folder."""
+    """Write the GGUF's model (float32 safetensors) and tokenizer as an HF folder.
+
+    Raises:
+        ModelConversionError: transformers' conversion drops the BOS token the GGUF asks for.
+    """
     model, tokenizer = _load_from_gguf(gguf_path)
+    check_tokenizer_bos(tokenizer, _gguf_adds_bos(gguf_path), gguf_path.name)
     _strip_gguf_quantization(model)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -415,3 +415,36 @@ def test_encode_conversation_plain_rendering(plain_tokenizer: Any) -> None:
 def test_encode_conversation_rejects_bad_messages(plain_tokenizer: Any, messages: Any) -> None:
     with pytest.raises(ValueError):
         models.encode_conversation(plain_tokenizer, messages)
+
+
+class _Tokenizer:
+    """The two things check_tokenizer_bos reads of a tokenizer."""
+
+    bos_token_id = 2
+
+    def __init__(self, adds_bos: bool) -> None:
+        self.adds_bos = adds_bos
+
+    def __call__(self, text: str) -> Any:
+        return type("Enc", (), {"input_ids": [2, 9] if self.adds_bos else [9]})()
+
+
+def test_conversion_without_bos_is_refused() -> None:
+    """A GGUF that asks for BOS, converted to a tokenizer that omits it (transformers 5.19
+    and 5.20 on Gemma-3), is refused with the fix named, not cached."""
+    with pytest.raises(models.ModelConversionError, match=r"BOS token \(id 2\).*pip install -U"):
+        models.check_tokenizer_bos(_Tokenizer(adds_bos=False), True, "x.gguf")
+    models.check_tokenizer_bos(_Tokenizer(adds_bos=True), True, "x.gguf")
+    models.check_tokenizer_bos(_Tokenizer(adds_bos=False), False, "x.gguf")
+
+
+def test_conversion_error_leaves_no_cache(fake: FakeConversion, cache_root: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def bad(gguf_path: Path, out_dir: Path) -> None:
+        (out_dir / "config.json").write_text("{}")
+        models.check_tokenizer_bos(_Tokenizer(adds_bos=False), True, gguf_path.name)
+
+    monkeypatch.setattr(models, "_convert_gguf", bad)
+    with pytest.raises(models.ModelConversionError):
+        models.resolve_model_dir("smollm2-135m")
+    assert not (cache_root / "models" / "smollm2-135m").exists()
