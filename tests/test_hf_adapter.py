@@ -134,7 +134,7 @@ def test_assistant_route_limits(llama):
 def test_unsupported_transformers_version_is_refused(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.40.0")
     monkeypatch.setattr(hf_adapter, "_original_get_candidate_generator", None)
-    with pytest.raises(RuntimeError, match=r"transformers >= 5.0, < 5.25.*found 4.40.0"):
+    with pytest.raises(RuntimeError, match=r"transformers >= 5.23, < 5.25.*found 4.40.0"):
         sh.assistant(tiny_llama(0), "ngram")
 
 

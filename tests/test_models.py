@@ -431,7 +431,7 @@ class _Tokenizer:
 
 def test_conversion_without_bos_is_refused() -> None:
     """A GGUF that asks for BOS, converted to a tokenizer that omits it (transformers 5.19
-    and 5.20 on Gemma-3), is refused with the fix named, not cached."""
+    to 5.22 on Gemma-3), is refused with the fix named, not cached."""
     with pytest.raises(models.ModelConversionError, match=r"BOS token \(id 2\).*pip install -U"):
         models.check_tokenizer_bos(_Tokenizer(adds_bos=False), True, "x.gguf")
     models.check_tokenizer_bos(_Tokenizer(adds_bos=True), True, "x.gguf")
