@@ -16,9 +16,8 @@ sampling):
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,19 +26,22 @@ from packaging.version import Version
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
-from specplug.adapt.base import VerifyRecord, teacher_topk
-from specplug.config import SpecConfig
-from specplug.drafters.base import DraftContext, StepOutcome
+from specplug.config import SpecConfig, build_spec, spec_option_names
+from specplug.drafters.base import StepOutcome
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
 from specplug.multimodal import split_model_inputs
+from specplug.online.observer import VerifyRecord, teacher_topk
 from specplug.sampling import SamplingParams
-from specplug.tree import ChainBuilder
+from specplug.session import DraftSession, Route, check_route
 
-__all__ = ["SUPPORTED", "Assistant", "assistant", "custom_generate", "generate",
-           "record_matches"]
+__all__ = ["ASSISTED", "SUPPORTED", "Assistant", "assistant", "custom_generate", "generate"]
 
 #: transformers versions whose private ``_get_candidate_generator`` seam is known to work
 SUPPORTED = (Version("5.23"), Version("5.25"))  # the same range as the hf extra
+
+#: transformers' assisted decoding as a route: chains, no hidden states, no end-of-generation
+ASSISTED = Route("transformers' assisted decoding", trees=False, hidden_states=False,
+                 ends_generations=False)
 
 # Logits processors whose effect specplug's engine reproduces exactly; anything else in a
 # generation config makes ``generate`` refuse rather than silently change the output.
@@ -64,35 +66,10 @@ def _check_version() -> None:
         )
 
 
-def _spec(spec: SpecConfig | dict | str | None, options: dict[str, Any]) -> SpecConfig:
-    if isinstance(spec, SpecConfig):
-        if options:
-            return SpecConfig(**{**spec.model_dump(), **(spec.model_extra or {}), **options})
-        return spec
-    if isinstance(spec, str):
-        return SpecConfig(method=spec, **options)
-    return SpecConfig(**{**(spec or {}), **options})
-
-
 # generate() arguments that change what is returned or who drives the loop
 _NOT_RETURNED = ("return_dict_in_generate", "output_scores", "output_logits",
                  "output_attentions", "output_hidden_states", "streamer", "logits_processor",
                  "stopping_criteria")
-
-
-def _spec_keys(spec: Any, kwargs: dict[str, Any]) -> set[str]:
-    """Keyword names that belong to ``SpecConfig`` or to the chosen drafter's options."""
-    from specplug.plugins import get_registry
-
-    keys = set(SpecConfig.model_fields) | {"method"}
-    method = kwargs.get("method") or (spec if isinstance(spec, str) else None)
-    if method is None and isinstance(spec, dict):
-        method = spec.get("method")
-    if method is None and isinstance(spec, SpecConfig):
-        method = spec.method
-    if method is not None:
-        keys |= set(get_registry().drafter(method).Options.model_fields)
-    return keys
 
 
 def _sampling_from(gc: Any, check: bool = True) -> SamplingParams:
@@ -137,28 +114,14 @@ class Assistant:
     """
 
     def __init__(self, target: Any, config: SpecConfig):
-        if config.tree != "chain":
-            raise ValueError(
-                f"transformers' assisted decoding verifies chains only (tree={config.tree!r}); "
-                "use specplug.hf.generate(...) for token trees"
-            )
+        check_route(config, ASSISTED)
         self.spec = config
         self.target = target
         self.config = target.config
         self.device = target.device
         self.generation_config = copy.deepcopy(target.generation_config)
         self.speculator = Speculator.from_config(config, target)
-        if any(getattr(o, "restores_at_finish", False) for o in self.speculator.observers):
-            raise ValueError(
-                "adapt.test_time train='all' with scope='request' restores the drafter's "
-                "weights when a generation ends, and transformers' assisted loop does not say "
-                "when that is; use train='adapter' (the default) or scope='shared', or "
-                "specplug.hf.generate(...)")
-        if self.speculator.drafter.hidden_layers:
-            raise NotImplementedError(
-                f"drafter {config.method!r} needs the target's hidden states; use "
-                "specplug.hf.generate(...)"
-            )
+        DraftSession(self.speculator, ASSISTED)  # refuses what the loop cannot feed, up front
 
     def candidate_generator(self, generation_config: Any) -> CandidateGenerator:
         vocab = int(self.target.get_output_embeddings().weight.shape[0])
@@ -175,34 +138,27 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
 
     def __init__(self, speculator: Speculator, sampling: SamplingParams, max_length: int,
                  vocab_size: int):
-        self.speculator = speculator
+        self.session = DraftSession(speculator, ASSISTED)
         self.vocab_size = vocab_size
-        self.builder = ChainBuilder(speculator.config.num_speculative_tokens)
         self.sampling = sampling
         self.max_length = max_length
         self.started = False
-        self.steps = 0
 
     def get_candidates(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any
                        ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         # some 5.x releases also pass is_first_iteration (positionally); it is not needed
         tokens = input_ids[0].tolist()
-        drafter = self.speculator.drafter
         if not self.started:
-            drafter.start([tokens])
-            for observer in self.speculator.observers:
-                observer.start([tokens])
+            self.session.start([tokens])
             self.started = True
-            self.steps = 0
-        budget = min(self.builder.max_depth, self.max_length - len(tokens) - 1)
+        budget = min(self.session.builder.max_depth, self.max_length - len(tokens) - 1)
         if budget < 1:
             return input_ids, None
         # draft noise from torch's global generator (generator=None), which advances across
         # calls like transformers' own sampling; a generator re-seeded per call draws the same
         # draft every time, which is not a sample from q and biases the output
-        ctx = DraftContext(tokens=[tokens], active=[True], sampling=self.sampling,
-                           generator=None)
-        tree = self.builder.build(drafter, ctx, [budget], self.vocab_size)
+        tree, _ = self.session.propose([tokens], [True], [budget], self.vocab_size,
+                                       sampling=self.sampling, generator=None)
         n = int(tree.num_nodes[0])
         if n == 0:
             return input_ids, None
@@ -217,51 +173,21 @@ class _SpecplugCandidateGenerator(CandidateGenerator):
         tokens = input_ids[0].tolist()
         n = int(num_matches)
         new = tokens[len(tokens) - n - 1:]
-        self.speculator.drafter.observe(
-            StepOutcome(accepted=[new[:-1]], bonus=[new[-1]], tokens=[tokens]))
-        if self.speculator.observers:  # scores[0, i]: the target at the root, then accepted
+        record = None
+        if self.session.observers:  # scores[0, i]: the target at the root, then accepted
             scored = torch.tensor(tokens[len(tokens) - n - 2:len(tokens) - 1])
             # transformers' processed scores: undo the temperature (top-k / top-p masks stay)
             t = self.sampling.temperature
             logits = scores.float() * (t if t > 0 else 1.0)
             ids, probs = teacher_topk(logits, [torch.arange(n + 1)],
-                                      max(self.speculator.teacher_k, 1))
-            record = VerifyRecord(step=self.steps, tokens=[scored], top_ids=ids,
+                                      max(self.session.speculator.teacher_k, 1))
+            record = VerifyRecord(step=self.session.steps, tokens=[scored], top_ids=ids,
                                   top_probs=probs, features=None, active=[True])
-            for observer in self.speculator.observers:
-                observer.observe(record)
-        self.steps += 1
+        self.session.accept(StepOutcome(accepted=[new[:-1]], bonus=[new[-1]], tokens=[tokens]),
+                            record)
 
 
 _original_get_candidate_generator: Callable[..., Any] | None = None
-_match_recorders: list[list[int]] = []
-
-
-@contextlib.contextmanager
-def record_matches(into: list[int]) -> Iterator[None]:
-    """While active, every assisted-decoding step of any candidate generator (transformers'
-    own included) appends its number of accepted draft tokens to ``into`` (for benchmarks)."""
-    install()
-    _match_recorders.append(into)
-    try:
-        yield
-    finally:
-        _match_recorders.remove(into)
-
-
-def _recording(generator: CandidateGenerator) -> CandidateGenerator:
-    if not _match_recorders:
-        return generator
-    sinks = list(_match_recorders)
-    update = generator.update_candidate_strategy
-
-    def update_candidate_strategy(input_ids: Any, scores: Any, num_matches: int) -> None:
-        for sink in sinks:
-            sink.append(int(num_matches))
-        update(input_ids, scores, num_matches)
-
-    generator.update_candidate_strategy = update_candidate_strategy  # type: ignore[method-assign]
-    return generator
 
 
 def install() -> None:
@@ -278,8 +204,8 @@ def install() -> None:
             if assistant_model.target is not self:
                 raise ValueError("this specplug assistant was built for another model; build "
                                  "it with specplug.hf.assistant(<the model you generate with>)")
-            return _recording(assistant_model.candidate_generator(generation_config))
-        return _recording(original(self, generation_config, *args, **kwargs))
+            return assistant_model.candidate_generator(generation_config)
+        return original(self, generation_config, *args, **kwargs)
 
     _original_get_candidate_generator = original
     GenerationMixin._get_candidate_generator = _get_candidate_generator
@@ -295,7 +221,7 @@ def assistant(model: Any, method: str | SpecConfig = "ngram", /, **options: Any)
             ``prompt_lookup_max``, ``model`` for ``draft_model``, ...).
     """
     install()
-    return Assistant(model, _spec(method, options))
+    return Assistant(model, build_spec(method, options))
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,9 +292,9 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
             raise NotImplementedError(f"{name} is not supported by specplug.hf.generate; it "
                                       "returns the sequences (and GenerationStats)")
     model_inputs = split_model_inputs(model, kwargs)
-    spec_keys = _spec_keys(spec, kwargs)
+    spec_keys = spec_option_names(spec, kwargs)
     spec_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in spec_keys}
-    config = speculator.config if speculator is not None else _spec(spec, spec_opts)
+    config = speculator.config if speculator is not None else build_spec(spec, spec_opts)
     if "max_length" in kwargs and "max_new_tokens" not in kwargs:
         kwargs["max_new_tokens"] = int(kwargs.pop("max_length")) - input_ids.shape[1]
     gc = copy.deepcopy(model.generation_config)
@@ -399,7 +325,7 @@ def custom_generate(spec: SpecConfig | dict | str | None = None, **options: Any
     """A callable for ``model.generate(..., custom_generate=...)`` that runs specplug's engine
     with transformers' prepared generation config and stopping criteria (``streamer`` is not
     forwarded by transformers to custom callables)."""
-    config = _spec(spec, options)
+    config = build_spec(spec, options)
 
     def _generate(model: Any, input_ids: torch.Tensor, logits_processor: Any = None,
                   stopping_criteria: Any = None, generation_config: Any = None,

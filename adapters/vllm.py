@@ -84,7 +84,7 @@ def spec_config_from(options: dict[str, Any], num_speculative_tokens: int | None
     """
     from pydantic import ValidationError
 
-    from specplug.config import SpecConfig
+    from specplug.config import SpecConfig, format_validation_error
 
     opts = dict(options)
     drafter = opts.pop("drafter", None)
@@ -101,10 +101,8 @@ def spec_config_from(options: dict[str, Any], num_speculative_tokens: int | None
     try:
         config = SpecConfig(method=drafter, **opts)
     except ValidationError as err:
-        problems = "; ".join(
-            (f"{'.'.join(str(x) for x in e['loc'])}: " if e["loc"] else "")
-            + e["msg"].removeprefix("Value error, ") for e in err.errors())
-        raise ValueError(f"invalid specplug speculative config: {problems}") from None
+        raise ValueError("invalid specplug speculative config: "
+                         f"{format_validation_error(err)}") from None
     except (ValueError, TypeError) as err:
         raise ValueError(f"invalid specplug speculative config: {err}") from None
     if config.tree != "chain":
@@ -237,7 +235,8 @@ class SpecplugProposer:
 
         self.chains = ChainProposer(self.config, vocab_size=model_config.get_vocab_size(),
                                     max_context=model_config.max_model_len,
-                                    media_tokens=media_token_ids(model_config.hf_config))
+                                    media_tokens=media_token_ids(model_config.hf_config),
+                                    engine="vLLM")
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """vLLM hands over its target module; specplug's token drafters do not need it (their

@@ -36,7 +36,7 @@ class SpecConfig(BaseModel):
             ``typical_acceptance_sampler`` (Medusa's typical acceptance: LOSSY, opt-in).
         posterior_threshold, posterior_alpha: typical acceptance parameters.
         adapt: observers that adapt speculation while it serves, by name with their options,
-            e.g. ``{"test_time": {"interval": 4}}`` (``specplug.adapt``; ``{}``: defaults).
+            e.g. ``{"test_time": {"interval": 4}}`` (``specplug.online``; ``{}``: defaults).
         Any other key: an option of the chosen drafter (see ``docs/configuration.md``).
     """
 
@@ -83,7 +83,7 @@ class SpecConfig(BaseModel):
             self._options = drafter_cls.Options(**extras)
         except ValidationError as err:
             raise ValueError(
-                f"invalid option for drafter {self.method!r}: {_problems(err)}. "
+                f"invalid option for drafter {self.method!r}: {format_validation_error(err)}. "
                 f"Options of {self.method!r}: {_allowed(drafter_cls.Options)}"
             ) from None
         self._adapt_options = {}
@@ -93,7 +93,7 @@ class SpecConfig(BaseModel):
                 opts = observer_cls.Options(**(given or {}))
             except ValidationError as err:
                 raise ValueError(
-                    f"invalid option for adapt.{name}: {_problems(err)}. "
+                    f"invalid option for adapt.{name}: {format_validation_error(err)}. "
                     f"Options of {name!r}: {_allowed(observer_cls.Options)}"
                 ) from None
             observer_cls.check(opts, drafter_cls)
@@ -139,9 +139,38 @@ class SpecConfig(BaseModel):
         return cls(**kw)
 
 
-def _problems(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming each invalid field and its problem (``loc: message; ...``)."""
     return "; ".join((f"{'.'.join(str(x) for x in e['loc'])}: " if e["loc"] else "")
                      + e["msg"].removeprefix("Value error, ") for e in err.errors())
+
+
+def build_spec(spec: SpecConfig | dict | str | None, options: dict[str, Any]) -> SpecConfig:
+    """A ``SpecConfig`` from what users pass: a config, a dict or a method name, with
+    ``options`` (``SpecConfig`` fields and drafter options) over it."""
+    if isinstance(spec, SpecConfig):
+        if options:
+            return SpecConfig(**{**spec.model_dump(), **(spec.model_extra or {}), **options})
+        return spec
+    if isinstance(spec, str):
+        return SpecConfig(method=spec, **options)
+    return SpecConfig(**{**(spec or {}), **options})
+
+
+def spec_option_names(spec: Any, kwargs: dict[str, Any]) -> set[str]:
+    """Keyword names that belong to ``SpecConfig`` or to the chosen drafter's options (the
+    drafter named by ``kwargs["method"]``, or by ``spec``: a name, dict or config)."""
+    from specplug.plugins import get_registry
+
+    keys = set(SpecConfig.model_fields) | {"method"}
+    method = kwargs.get("method") or (spec if isinstance(spec, str) else None)
+    if method is None and isinstance(spec, dict):
+        method = spec.get("method")
+    if method is None and isinstance(spec, SpecConfig):
+        method = spec.method
+    if method is not None:
+        keys |= set(get_registry().drafter(method).Options.model_fields)
+    return keys
 
 
 def _allowed(options: type[BaseModel]) -> str:

@@ -10,23 +10,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from specplug.adapt.base import Observer, VerifyRecord, teacher_topk
-from specplug.budget import cached_calibration, calibrate
 from specplug.config import SpecConfig
 from specplug.cost import CostModel, batch_view
-from specplug.drafters.base import DraftContext, Drafter, StepOutcome
-from specplug.multimodal import check_media_inputs, media_token_ids
+from specplug.drafters.base import Drafter, StepOutcome
+from specplug.multimodal import media_token_ids
+from specplug.online.observer import Observer, VerifyRecord, teacher_topk
 from specplug.plugins import get_plugin_manager, get_registry
-from specplug.runner import ModelRunner, RunnerOutput
+from specplug.runner import RunnerOutput
 from specplug.sampling import SamplingParams, sample_tokens
-from specplug.tree import DraftTree, TreeBuilder, TreeLayout
+from specplug.session import DraftSession
+from specplug.target_runner import ModelTargetRunner, TargetRunner
+from specplug.tree import TreeBuilder
 from specplug.verify import VerifyResult
-
-CALIBRATION_CONTEXT = 128  # tokens of context the cost curve is measured at
 
 __all__ = [
     "GenerationOutput",
@@ -37,114 +36,6 @@ __all__ = [
     "TargetRunner",
     "speculative_generate",
 ]
-
-
-class TargetRunner(Protocol):
-    """What the engine needs from the target model (an adapter implements it)."""
-
-    vocab_size: int
-    max_context: int | None
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                model_inputs: dict[str, Any] | None = None) -> RunnerOutput:
-        """Left-padded prompts ``[B, L]`` -> logits ``[B, 1, V]`` at the last position (and,
-        when the runner was asked for them, hidden features ``[B, L, F]``). ``model_inputs``:
-        a vision-language target's image inputs (``pixel_values``, ...)."""
-
-    def score(self, roots: torch.Tensor, tree: DraftTree, layout: TreeLayout) -> RunnerOutput:
-        """``roots [B]`` (last committed tokens, not yet in the cache) and the tree ->
-        logits ``[B, N + 1, V]``: index 0 scores the root, index i + 1 node i."""
-
-    def commit(self, result: VerifyResult) -> None:
-        """Keep the root and accepted nodes in the cache; drop the rest."""
-
-
-class ModelTargetRunner:
-    """``TargetRunner`` over an HF-style causal LM, through ``ModelRunner``."""
-
-    def __init__(self, model: Any, hidden_layers: tuple[int, ...] = (), capacity: int = 1024):
-        self.runner = ModelRunner(model, capacity=capacity, hidden_layers=hidden_layers)
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.max_context = getattr(cfg, "max_position_embeddings", None)
-
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                model_inputs: dict[str, Any] | None = None) -> RunnerOutput:
-        if model_inputs or media_token_ids(self.runner.model):
-            check_media_inputs(self.runner.model, input_ids, attention_mask, model_inputs or {})
-        return self.runner.prefill(input_ids, attention_mask, model_inputs)
-
-    def score(self, roots: torch.Tensor, tree: DraftTree, layout: TreeLayout) -> RunnerOutput:
-        B = roots.shape[0]
-        tokens = torch.cat([roots[:, None], tree.tokens], 1)
-        parents = torch.cat([torch.full((B, 1), -1, dtype=torch.long), tree.parents + 1], 1)
-        real = torch.cat([torch.ones(B, 1, dtype=torch.bool), layout.real], 1)
-        N = tree.width
-        anc = torch.zeros(B, N + 1, N + 1, dtype=torch.bool)
-        anc[:, 0, 0] = True
-        anc[:, 1:, 0] = layout.real  # every real node sees the root
-        anc[:, 1:, 1:] = layout.ancestors
-        depth = torch.cat([torch.zeros(B, 1, dtype=torch.long), layout.depth], 1)
-        return self.runner.append(tokens, parents, real, anc, depth)
-
-    def commit(self, result: VerifyResult) -> None:
-        B = result.num_accepted.shape[0]
-        keep = torch.cat([torch.zeros(B, 1, dtype=torch.long), result.accepted_nodes + 1], 1)
-        self.runner.commit(keep, result.num_accepted + 1)
-
-    def synchronize(self) -> None:
-        """Wait for the device (CUDA forwards return before they finish)."""
-        _sync(self.runner.device)
-
-    def calibrate_cost(self, prompt: list[int], repeats: int = 7, use_cache: bool = True
-                       ) -> CostModel:
-        """The target's forward time by scored tokens on this machine, measured once per model,
-        device, dtype and thread count (``specplug.budget.cached_calibration``) on a chain
-        after ``CALIBRATION_CONTEXT`` tokens of ``prompt`` (repeated as needed); the median
-        of ``repeats`` interleaved rounds per width."""
-        model = self.runner.model
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config
-        param = next(model.parameters())
-        key = {"model": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
-               "class": type(model).__name__,
-               "config": cfg.to_json_string() if hasattr(cfg, "to_json_string") else repr(cfg),
-               "device": str(param.device), "dtype": str(param.dtype),
-               "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "repeats": repeats}
-
-        def measure() -> CostModel:
-            media = media_token_ids(model)  # text only: the cost of decoding steps
-            text = [t for t in prompt if t not in media] or [0]
-            reps = -(-CALIBRATION_CONTEXT // len(text))
-            ids = torch.tensor((text * reps)[:CALIBRATION_CONTEXT])[None]
-            self.runner.prefill(ids, torch.ones_like(ids))
-            root = torch.tensor([int(ids[0, -1])])
-
-            def score(n: int) -> float:
-                tree = DraftTree(tokens=root.repeat(n - 1)[None],
-                                 parents=(torch.arange(n - 1) - 1)[None],
-                                 num_nodes=torch.tensor([n - 1]))
-                layout = TreeLayout.from_tree(tree)
-                _sync(param.device)
-                t0 = time.perf_counter()
-                self.score(root, tree, layout)
-                _sync(param.device)
-                seconds = time.perf_counter() - t0
-                self.commit(VerifyResult(accepted_nodes=torch.zeros(1, 0, dtype=torch.long),
-                                         num_accepted=torch.zeros(1, dtype=torch.long),
-                                         bonus_tokens=root))
-                return seconds
-
-            return calibrate(score, repeats=repeats)
-
-        return cached_calibration(key, measure, use_cache=use_cache)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -281,24 +172,21 @@ def speculative_generate(
             f"({depth_max}) exceeds the model's context of {limit} tokens; shorten the prompt "
             "or lower max_new_tokens"
         )
-    drafter, builder = speculator.drafter, speculator.builder
     hook = get_plugin_manager().hook.specplug_on_step
     eos = set(int(e) for e in eos_token_ids)
     stats = GenerationStats(accepted_per_step=[[] for _ in range(B)],
                             draft_depth_per_step=[[] for _ in range(B)])
     am = attention_mask.bool()
     tokens = [input_ids[b][am[b]].tolist() for b in range(B)]
-    if speculator.adaptive and not speculator.cost.calibrated and \
-            hasattr(runner, "calibrate_cost"):  # once per model and device (cached on disk)
-        speculator.cost = runner.calibrate_cost(tokens[0])
+    if speculator.adaptive and not speculator.cost.calibrated:  # once per model and device
+        speculator.cost = runner.calibrate_cost(tokens[0]) or speculator.cost
     t0 = time.perf_counter()
 
     out = runner.prefill(input_ids, attention_mask, model_inputs) if model_inputs \
         else runner.prefill(input_ids, attention_mask)
     stats.target_forwards += 1
-    drafter.start([list(t) for t in tokens])
-    for observer in speculator.observers:
-        observer.start([list(t) for t in tokens])
+    session = DraftSession(speculator)
+    session.start(tokens)
     teacher_k = speculator.teacher_k
     first = sample_tokens(out.logits[:, -1], sampling, generator).tolist()
     new: list[list[int]] = [[] for _ in range(B)]
@@ -317,26 +205,18 @@ def speculative_generate(
     try:
         step = 0
         while any(active):
-            ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
-                               generator=generator, target_hidden=hidden, cost=cost)
             limits = [max_new_tokens - len(new[b]) - 1 if active[b] else 0 for b in range(B)]
-            t_draft = time.perf_counter()
-            tree = builder.build(drafter, ctx, limits, runner.vocab_size)
-            layout = TreeLayout.from_tree(tree)
-            if step:  # the first step's drafting also reads the whole prompt: a one-off
-                speculator.cost.observe_draft(int(layout.depth.max()) if tree.width else 0,
-                                              time.perf_counter() - t_draft)
+            tree, layout = session.propose(tokens, active, limits, runner.vocab_size,
+                                           sampling=sampling, generator=generator,
+                                           hidden=hidden, cost=cost)
             roots = torch.tensor([t[-1] for t in tokens], dtype=torch.long)
             t_score = time.perf_counter()
             scored = runner.score(roots, tree, layout)
-            if hasattr(runner, "synchronize"):  # time the forward, not its launch
-                runner.synchronize()
+            runner.synchronize()  # time the forward, not its launch
             speculator.cost.observe(B * (tree.width + 1), time.perf_counter() - t_score)
             stats.target_forwards += 1
             result = speculator.verifier(tree, scored.logits, sampling, generator, layout,
                                          speculator.config)
-            if hasattr(builder, "learn"):  # calibrate the drafter's confidence (adaptive)
-                builder.learn(result.accepted_nodes.cpu(), result.num_accepted.cpu())
             runner.commit(result)
             proposed = result.new_tokens(tree)
             accepted_out: list[list[int]] = [[] for _ in range(B)]
@@ -356,17 +236,17 @@ def speculative_generate(
             if scored.hidden is not None:  # the root (index 0) and the accepted nodes
                 hidden = [scored.hidden[b, [0, *(result.accepted_nodes[b, :n] + 1).tolist()]]
                           for b, n in enumerate(result.num_accepted.tolist())]
-            drafter.observe(StepOutcome(accepted=accepted_out, bonus=bonus_out, tokens=tokens))
-            if speculator.observers:
-                record = _record(step, roots, result, scored, accepted_out, was_active, teacher_k)
-                for observer in speculator.observers:
-                    observer.observe(record)
+            record = _record(step, roots, result, scored, accepted_out, was_active, teacher_k) \
+                if speculator.observers else None
+            # the builder calibrates the drafter's confidence (adaptive) on the accepted nodes
+            session.accept(StepOutcome(accepted=accepted_out, bonus=bonus_out, tokens=tokens),
+                           record, accepted_nodes=result.accepted_nodes,
+                           num_accepted=result.num_accepted)
             hook(stats=StepStats(step=step, num_nodes=tree.num_nodes.tolist(),
                                  accepted=[len(a) for a in accepted_out], active=list(active)))
             step += 1
     finally:  # per-request adaptation is undone even when a step raises
-        for observer in speculator.observers:
-            observer.finish()
+        session.finish()
     stats.wall_time_s = time.perf_counter() - t0
     return GenerationOutput(sequences=new, stats=stats)
 

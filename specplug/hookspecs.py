@@ -35,7 +35,7 @@ def specplug_register_verifiers(register: Callable[[str, Callable[..., Any]], No
 
 @hookspec
 def specplug_register_observers(register: Callable[[type], None]) -> None:
-    """Call ``register(ObserverClass)`` for each observer (a ``specplug.adapt.base.Observer``
+    """Call ``register(ObserverClass)`` for each observer (a ``specplug.online.observer.Observer``
     subclass with a ``name`` and an ``Options`` model), configured by name in
     ``SpecConfig.adapt``: it sees every verification step and may adapt the drafter."""
 

@@ -19,7 +19,7 @@ BUILTIN_PLUGINS = (
     "specplug.drafters.draft_model",
     "specplug.drafters.layer_skip",
     "specplug.drafters.heads",
-    "specplug.adapt.test_time",
+    "specplug.online.distill",
     "specplug.builtins",
 )
 

@@ -32,31 +32,13 @@ from typing import Any
 
 from specplug.config import SpecConfig
 from specplug.cost import batch_view
-from specplug.drafters.base import DraftContext, StepOutcome
+from specplug.drafters.base import StepOutcome
 from specplug.drafters.model_drafter import check_vocab, output_vocab
 from specplug.engine import Speculator
 from specplug.sampling import SamplingParams
-from specplug.tree import ChainBuilder
+from specplug.session import DraftSession, Route, check_route, check_token_only
 
 __all__ = ["ChainProposer", "check_token_only"]
-
-
-def check_token_only(method: str, engine: str = "this engine") -> None:
-    """Refuse a drafter that reads the target model (its layers or hidden states), for engines
-    that hand specplug token ids only.
-
-    Raises:
-        ValueError: naming the drafter and the drafters that do work.
-    """
-    from specplug.plugins import get_registry
-
-    registry = get_registry()
-    if registry.drafter(method).reads_target:
-        usable = sorted(n for n, c in registry.drafters.items() if not c.reads_target)
-        raise ValueError(
-            f"drafter {method!r} reads the target model's layers or hidden states, which "
-            f"{engine} does not hand to specplug; drafters that need only token ids: "
-            f"{', '.join(usable)}")
 
 
 class ChainProposer:
@@ -70,38 +52,28 @@ class ChainProposer:
             model is not an HF module).
         media_tokens: a vision-language target's image placeholder ids (drafters never match
             or propose them; a text-only draft model never sees them).
+        engine: how errors name the engine ("vLLM", ...).
     """
 
     def __init__(self, config: SpecConfig, vocab_size: int, max_context: int | None = None,
-                 target: Any = None, media_tokens: frozenset[int] = frozenset()):
-        if config.tree != "chain":
-            raise ValueError(f"this engine verifies chains only (tree={config.tree!r}); use "
-                             "tree='chain' (token trees need specplug.hf.generate)")
-        if config.adapt:
-            raise ValueError(
-                f"adapt={sorted(config.adapt)} is not available in this engine: observers such "
-                "as test_time learn from the target's distributions at the verified positions, "
-                "and the engine hands specplug token ids only. For online adaptation here use "
-                "ngram's cross-request cache (suffix_cache_tokens=...); test_time runs in "
-                "specplug.hf.generate and the assistant_model route")
+                 target: Any = None, media_tokens: frozenset[int] = frozenset(),
+                 engine: str = "this engine"):
+        route = Route(engine, trees=False, hidden_states=False, distributions=False,
+                      token_only=target is None)
+        check_route(config, route)  # before the drafter is built
         self.config = config
         self.vocab_size = int(vocab_size)
         self.max_context = max_context
-        if target is None:
-            check_token_only(config.method)
-        self.speculator = Speculator.from_config(config, target)
-        self.drafter = self.speculator.drafter
+        speculator = Speculator.from_config(config, target)
         if media_tokens and target is None:
-            self.drafter.bind_media(frozenset(media_tokens))
-        if self.drafter.hidden_layers:  # no engine here passes target_hidden
-            raise ValueError(f"drafter {config.method!r} reads the target's hidden states, "
-                             "which this engine does not pass to specplug")
+            speculator.drafter.bind_media(frozenset(media_tokens))
+        self.session = DraftSession(speculator, route)
+        self.speculator, self.drafter = speculator, speculator.drafter
         model = getattr(self.drafter, "model", None)
         if model is not None and hasattr(model, "get_output_embeddings"):
             check_vocab(output_vocab(model), self.vocab_size, f"the {config.method!r} model",
                         frozenset(media_tokens))
         self.k = int(config.num_speculative_tokens)
-        self.builder = ChainBuilder(self.k)
         self.sampling = SamplingParams()  # greedy chains: see the module docstring
         self._rows: list[list[int]] | None = None  # histories the drafter last saw
         self._scored: int | None = None  # tokens the engine scores for our chains, all rows
@@ -135,17 +107,17 @@ class ChainProposer:
         if continues and self._scored is not None:  # the engine's step: the batch's tokens
             self.speculator.cost.observe(max(1, self._scored), now - self._returned_at)
         if continues:
-            self.drafter.observe(StepOutcome(accepted=[c[:-1] for c in done],
-                                             bonus=[c[-1] if c else None for c in done],
-                                             tokens=rows))
+            self.session.accept(StepOutcome(accepted=[c[:-1] for c in done],
+                                            bonus=[c[-1] if c else None for c in done],
+                                            tokens=rows))
         else:
             # a prompt of one token still has a root; the drafter sees the rest as context
-            self.drafter.start([r[:-1] for r in rows])
+            self.session.start([r[:-1] for r in rows])
             self.restarts += 1
         limits = [self._limit(r) if a else 0 for r, a in zip(rows, active)]
-        ctx = DraftContext(tokens=rows, active=active, sampling=self.sampling,
-                           cost=batch_view(self.speculator.cost, sum(active)))
-        tree = self.builder.build(self.drafter, ctx, limits, self.vocab_size)
+        tree, _ = self.session.propose(rows, active, limits, self.vocab_size,
+                                       sampling=self.sampling,
+                                       cost=batch_view(self.speculator.cost, sum(active)))
         counts = tree.num_nodes.tolist()
         chains = [tree.tokens[b, :n].tolist() for b, n in enumerate(counts)]
         self._rows = rows

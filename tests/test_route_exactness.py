@@ -28,7 +28,7 @@ from tiny_models import chisquare_pvalue, tiny_llama
 
 import specplug.hf as sh
 import specplug.tree as tree_module
-from specplug.adapters import hf as hf_adapter
+from specplug.bench.hf_matches import record_matches
 from specplug.heads.config import HEAD_KINDS
 from specplug.sampling import SamplingParams, probs_from_logits
 
@@ -112,7 +112,7 @@ def sample_route(route: str, model, method: str, gen: dict, generator=None
         ids = torch.tensor([PROMPTS[0]])
         helper = sh.assistant(model, method, **opts)
         matches: list[int] = []
-        with hf_adapter.record_matches(matches):
+        with record_matches(matches):
             for _ in range(SAMPLES):
                 out = model.generate(ids, max_new_tokens=NEW, assistant_model=helper, **gen)
                 draws.setdefault(0, []).append(out[0, ids.shape[1]:].tolist())

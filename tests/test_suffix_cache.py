@@ -99,7 +99,10 @@ def test_output_identical_with_the_cache():
     model = tiny_llama(0)
     ids = torch.randint(1, 96, (1, 20), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    spec = Speculator.from_config(SpecConfig(method="ngram", suffix_cache_tokens=10000), model)
+    # fixed depth: with adaptive depth, whether a cache match is drafted depends on measured
+    # step times, which made this check flaky under load
+    spec = Speculator.from_config(SpecConfig(method="ngram", suffix_cache_tokens=10000,
+                                             adaptive=False), model)
     want = reference_greedy(model, ids, mask, 24)
     for _ in range(2):
         got = speculative_generate(ModelTargetRunner(model), spec, ids, mask, max_new_tokens=24)

@@ -94,7 +94,7 @@ def _sampling_kwargs(temperature: float) -> dict[str, Any]:
 
 def _hf_method(name: str, model: Any, rest: str, load: Callable[[str], Any],
                temperature: float) -> Method:
-    from specplug.adapters import hf as hf_adapter
+    from specplug.bench.hf_matches import record_matches
 
     kind, _, arg = rest.partition(":")
     gen: dict[str, Any] = {}
@@ -119,7 +119,7 @@ def _hf_method(name: str, model: Any, rest: str, load: Callable[[str], Any],
     def run(ids: torch.Tensor, max_new: int) -> MethodRun:
         counter.count = 0
         matches.clear()
-        with hf_adapter.record_matches(matches):
+        with record_matches(matches):
             out = model.generate(ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=max_new, **_sampling_kwargs(temperature), **gen)
         tokens = out[0, ids.shape[1]:].tolist()

@@ -142,7 +142,7 @@ class Drafter(ABC):
 
     def __init__(self, options: DrafterOptions | None = None):
         self.options = options if options is not None else self.Options()
-        #: set by ``specplug.adapt.test_time`` on trainable drafters: the adapter applied
+        #: set by ``specplug.online.distill`` on trainable drafters: the adapter applied
         #: before the LM head, and the adapter slot of each row of the current generation
         self.output_adapter: Any = None
         self.adapter_slots: list[int] = []

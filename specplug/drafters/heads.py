@@ -201,7 +201,7 @@ class HeadDrafter(Drafter):
         return out
 
 
-    # --- test-time training (specplug.adapt.test_time) ------------------------------------
+    # --- test-time training (specplug.online.distill) ------------------------------------
     def online_width(self) -> int:
         return self.net.config.hidden_size
 

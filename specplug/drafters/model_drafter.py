@@ -261,7 +261,7 @@ class ModelDrafter(Drafter):
                 if p:
                     self.view.inside[b] = False
 
-    # --- test-time training (specplug.adapt.test_time) ------------------------------------
+    # --- test-time training (specplug.online.distill) ------------------------------------
     def online_width(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[1])
 

@@ -76,7 +76,7 @@ class DraftNet(nn.Module):
         return h if adapter is None else adapter(h)
 
     def set_output_adapter(self, adapter: nn.Module | None) -> None:
-        """Apply ``adapter`` (``specplug.adapt.adapter.OutputAdapter``) to the LM head's input;
+        """Apply ``adapter`` (``specplug.online.lowrank.OutputAdapter``) to the LM head's input;
         it is not a submodule: never in ``state_dict`` nor in ``parameters()``."""
         self._target["adapter"] = adapter
 

@@ -13,7 +13,7 @@ lose acceptance as a generation grows long.
 What is trained (``train``):
 
 - ``adapter`` (default): a low-rank residual on the input of the drafter's LM head
-  (``specplug.adapt.adapter``), one per request in ``scope="request"``, so requests batched
+  (``specplug.online.lowrank``), one per request in ``scope="request"``, so requests batched
   together never see each other's adaptation; every cache stays valid.
 - ``all``: every weight of the drafter (a head's, or a draft model's own); ``scope="request"``
   restores them when the next generation starts and refuses batches of more than one request
@@ -39,14 +39,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from specplug.adapt.adapter import OutputAdapter
-from specplug.adapt.base import Observer, ObserverOptions, VerifyRecord
 from specplug.hookspecs import hookimpl
+from specplug.online.lowrank import OutputAdapter
+from specplug.online.observer import Observer, ObserverOptions, VerifyRecord
 
-__all__ = ["OnlineTrainable", "TestTimeOptions", "TestTimeTrainer", "Window"]
+__all__ = ["OnlineTrainable", "DistillOptions", "OnlineDistiller", "Window"]
 
 
-class TestTimeOptions(ObserverOptions):
+class DistillOptions(ObserverOptions):
     lr: float = Field(3e-3, gt=0.0, le=1.0, description="Adam learning rate")
     interval: int = Field(4, ge=1, le=1024, description="verification steps between updates")
     steps: int = Field(1, ge=1, le=64, description="optimiser steps per update")
@@ -111,13 +111,13 @@ class OnlineTrainable(Protocol):
         weights; the adapter's ``slot`` is set by the caller)."""
 
 
-class TestTimeTrainer(Observer):
+class OnlineDistiller(Observer):
     """The ``test_time`` observer (see the module docstring)."""
 
     name = "test_time"
-    Options = TestTimeOptions
+    Options = DistillOptions
 
-    def __init__(self, options: TestTimeOptions, drafter: Any):
+    def __init__(self, options: DistillOptions, drafter: Any):
         super().__init__(options, drafter)
         self.check(options, type(drafter))
         self.teacher_k = options.teacher_k
@@ -145,7 +145,7 @@ class TestTimeTrainer(Observer):
         self.last_loss: float | None = None
 
     @classmethod
-    def check(cls, options: TestTimeOptions, drafter_cls: type) -> None:
+    def check(cls, options: DistillOptions, drafter_cls: type) -> None:
         needed = ("online_width", "online_parameters", "set_output_adapter", "online_loss")
         name = getattr(drafter_cls, "name", drafter_cls.__name__)
         if not all(hasattr(drafter_cls, m) for m in needed):
@@ -278,4 +278,4 @@ class TestTimeTrainer(Observer):
 
 @hookimpl
 def specplug_register_observers(register):
-    register(TestTimeTrainer)
+    register(OnlineDistiller)
