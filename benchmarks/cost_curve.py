@@ -1,6 +1,6 @@
 """Measure and plot the target's forward cost by number of tokens scored (docs/adaptive.md).
 
-The same calibration the engine runs once per model and device (``specplug.budget``), here
+The same calibration the engine runs once per model and device (``specplug.calibration``), here
 measured now (the cache is neither read nor written) and with more repeats, for each model; writes ``cost_curve.json`` and
 ``cost_curve.png`` under ``--out``.
 
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from specplug.bench.report import machine_info
-from specplug.budget import CALIBRATION_WIDTHS
+from specplug.calibration import CALIBRATION_WIDTHS
 from specplug.engine import ModelTargetRunner
 from specplug.models import encode_prompt, load_model
 

@@ -9,30 +9,20 @@ in units of a plain step). The rules here maximise the ratio, which is SpecDec++
 this machine instead of assumed: on a 2-core CPU a chain stops early; on a GPU, where scoring 10
 tokens costs about what scoring one does, the same rule drafts to the cap.
 
-The target's cost curve is measured once per model and device (``calibrate``, cached under
-``~/.cache/specplug/cost``) and refined online by the engine.
+Every budget rule is here: ``best_depth`` (chains), ``best_tree_size`` and
+``worth_extending`` (trees), and the acceptance calibration they read. The target's cost curve
+they price drafts with is measured by ``specplug.calibration`` and refined online by the
+engine (``specplug.cost``).
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
-import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from specplug.cost import CostModel
+from specplug.cost import BatchedCost, CostModel
 
-__all__ = ["CALIBRATION_WIDTHS", "AcceptanceCalibration", "best_tree_size", "calibrate",
-           "cached_calibration", "worth_extending"]
-
-#: scored-token counts timed by ``calibrate`` (chains up to 31 deep: ``ngram``'s
-#: default cap of 32 reads one token past them; trees up to 31 nodes)
-CALIBRATION_WIDTHS = (1, 2, 3, 4, 5, 6, 8, 11, 16, 24, 32)
-
+__all__ = ["AcceptanceCalibration", "best_depth", "best_tree_size", "worth_extending"]
 
 class AcceptanceCalibration:
     """How often a draft node believed accepted with probability ``p`` (its path probability
@@ -91,52 +81,17 @@ def best_tree_size(values: Sequence[float], step_cost: Callable[[int], float],
     return n
 
 
-def calibrate(score: Callable[[int], float], widths: Sequence[int] = CALIBRATION_WIDTHS,
-              repeats: int = 3, warmup: int = 2) -> CostModel:
-    """Time ``score(n)`` (one target forward over ``n`` tokens, returning seconds) for each
-    width, interleaved over ``repeats`` rounds; the median per width seeds a ``CostModel``."""
-    for _ in range(warmup):
-        score(widths[0])
-    samples: dict[int, list[float]] = {n: [] for n in widths}
-    for _ in range(repeats):
-        for n in widths:
-            samples[n].append(score(n))
-    model = CostModel(calibrated=True)
-    for n, ts in samples.items():
-        model.target.seed(n, statistics.median(ts), len(ts))
-    return model
-
-
-def _cache_dir() -> Path:
-    """``$SPECPLUG_COST_CACHE`` if set, else ``cost/`` under specplug's cache root
-    (``$SPECPLUG_CACHE_DIR`` or ``~/.cache/specplug``)."""
-    explicit = os.environ.get("SPECPLUG_COST_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    root = os.environ.get("SPECPLUG_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "specplug") / "cost"
-
-
-def cached_calibration(key: dict, measure: Callable[[], CostModel], use_cache: bool = True
-                       ) -> CostModel:
-    """The calibration stored for ``key`` (model, device, dtype, threads), or ``measure()``'s,
-    stored. ``use_cache=False`` or ``SPECPLUG_COST_CACHE=0`` measures and stores nothing."""
-    use_cache = use_cache and os.environ.get("SPECPLUG_COST_CACHE") != "0"
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"{digest}.json"
-    if use_cache and path.is_file():
-        try:
-            return CostModel.from_dict(json.loads(path.read_text())["curve"])
-        except (ValueError, KeyError, TypeError, AttributeError, OSError):
-            pass  # unreadable: measure again and overwrite
-    model = measure()
-    if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "measured": time.strftime("%Y-%m-%d %H:%M"),
-                                       "curve": model.to_dict()}, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only cache: keep the curve for this process only
-    return model
+def best_depth(accept_rate: float, max_depth: int, cost: CostModel | BatchedCost | None,
+               prior_slope: float = 0.15) -> int:
+    """Draft length maximising expected emitted tokens per unit of step time, when each
+    draft token is accepted with probability ``accept_rate`` given the previous ones were:
+    ``argmax_d (1 + a + ... + a^d) / step_cost(d)``; 0 means "do not draft"."""
+    best, best_value, expected, term = 0, 1.0, 1.0, 1.0
+    for d in range(1, max_depth + 1):
+        term *= accept_rate
+        expected += term
+        step = cost.step_cost(d) if cost is not None else 1.0 + prior_slope * d
+        value = expected / step
+        if value > best_value:
+            best, best_value = d, value
+    return best

@@ -13,14 +13,12 @@ __all__ = ["main"]
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
-    key, eq, raw = text.partition("=")
-    if not eq or not key:
-        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE, got {text!r}")
+    from specplug.config import parse_key_value
+
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key, value
+        return parse_key_value(text, "--option")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _machine() -> str:

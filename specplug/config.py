@@ -177,6 +177,37 @@ def _allowed(options: type[BaseModel]) -> str:
     return ", ".join(options.model_fields) or "(none)"
 
 
+def parse_key_value(text: str, what: str = "option") -> tuple[str, Any]:
+    """``KEY=VALUE`` -> ``(key, value)``; the value is parsed as JSON when it is JSON
+    (``4``, ``true``, ``[1, 2]``) and kept as a string otherwise.
+
+    Raises:
+        ValueError: naming ``what`` when there is no ``=`` or no key.
+    """
+    key, eq, raw = text.strip().partition("=")
+    if not eq or not key:
+        raise ValueError(f"{what} {text!r} must be KEY=VALUE")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def parse_key_values(text: str, what: str = "option") -> dict[str, Any]:
+    """``a=1,b=[1,2],c=x`` -> ``{"a": 1, "b": [1, 2], "c": "x"}``: split at commas outside
+    brackets, each part by ``parse_key_value``."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return dict(parse_key_value(p, what) for p in [*parts, cur] if p.strip())
+
+
 def parse_tree_spec(spec: str) -> dict[str, Any]:
     """``chain`` | ``static:[[0],[1],[0,0]]`` | ``dynamic[:budget=16,topk=4]`` -> config keys.
 
@@ -198,16 +229,17 @@ def parse_tree_spec(spec: str) -> dict[str, Any]:
         return {"tree": "static", "tree_paths": paths}
     if kind == "dynamic":
         out: dict[str, Any] = {"tree": "dynamic"}
-        for part in filter(None, (p.strip() for p in rest.split(","))):
-            key, eq, val = part.partition("=")
-            if not eq or key not in ("budget", "topk", "depth"):
-                raise ValueError(f"invalid dynamic tree option {part!r}; use budget=, topk=, "
-                                 f"depth=; forms: {forms}")
-            try:
-                num = int(val)
-            except ValueError:
-                raise ValueError(f"dynamic tree option {key} must be an integer, got {val!r}") \
-                    from None
-            out["num_speculative_tokens" if key == "depth" else f"tree_{key}"] = num
+        try:
+            options = parse_key_values(rest, "dynamic tree option")
+        except ValueError as err:
+            raise ValueError(f"invalid {err}; use budget=, topk=, depth=; forms: {forms}") \
+                from None
+        for key, val in options.items():
+            if key not in ("budget", "topk", "depth"):
+                raise ValueError(f"invalid dynamic tree option {key}={val!r}; use budget=, "
+                                 f"topk=, depth=; forms: {forms}")
+            if not isinstance(val, int) or isinstance(val, bool):
+                raise ValueError(f"dynamic tree option {key} must be an integer, got {val!r}")
+            out["num_speculative_tokens" if key == "depth" else f"tree_{key}"] = val
         return out
     raise ValueError(f"invalid tree spec {spec!r}; forms: {forms}")

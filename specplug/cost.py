@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchedCost", "Curve", "CostModel", "batch_view", "best_depth"]
+__all__ = ["BatchedCost", "Curve", "CostModel", "batch_view"]
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Curve:
     counts: dict[int, int] = field(default_factory=dict)    # per size: timings seen
     samples: dict[int, deque[float]] = field(default_factory=dict)
     #: bumped by every write: readers (the fit here, ``CostModel.step_cost``) memoise on it,
-    #: because budget rules read ~30 sizes per step and refitting each time cost 0.7 ms a step
+    #: because budget rules read ~30 sizes per step and refitting each one is a Python-level
+    #: cost per step (docs/adaptive.md)
     version: int = field(default=0, compare=False)
     _fit: tuple[int, tuple[float, float] | None] | None = field(default=None, init=False,
                                                                  repr=False, compare=False)
@@ -224,19 +225,3 @@ def batch_view(cost: CostModel, rows: int) -> CostModel | BatchedCost:
     """What a row of a ``rows``-row batch reads: ``cost`` itself for one row (no extra reads
     per step), else ``BatchedCost(cost, rows)``."""
     return BatchedCost(cost, rows) if rows > 1 else cost
-
-
-def best_depth(accept_rate: float, max_depth: int, cost: CostModel | BatchedCost | None,
-               prior_slope: float = 0.15) -> int:
-    """Draft length maximising expected emitted tokens per unit of step time, when each
-    draft token is accepted with probability ``accept_rate`` given the previous ones were:
-    ``argmax_d (1 + a + ... + a^d) / step_cost(d)``; 0 means "do not draft"."""
-    best, best_value, expected, term = 0, 1.0, 1.0, 1.0
-    for d in range(1, max_depth + 1):
-        term *= accept_rate
-        expected += term
-        step = cost.step_cost(d) if cost is not None else 1.0 + prior_slope * d
-        value = expected / step
-        if value > best_value:
-            best, best_value = d, value
-    return best

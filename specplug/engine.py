@@ -209,6 +209,7 @@ def speculative_generate(
             tree, layout = session.propose(tokens, active, limits, runner.vocab_size,
                                            sampling=sampling, generator=generator,
                                            hidden=hidden, cost=cost)
+            assert layout is not None  # the engine route verifies trees
             roots = torch.tensor([t[-1] for t in tokens], dtype=torch.long)
             t_score = time.perf_counter()
             scored = runner.score(roots, tree, layout)

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specplug.paths import cache_root
+
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -144,9 +146,8 @@ class ModelPackageMissingError(ImportError):
 
 
 def cache_dir() -> Path:
-    """specplug's cache root: ``$SPECPLUG_CACHE_DIR`` if set, else ``~/.cache/specplug``."""
-    env = os.environ.get("SPECPLUG_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "specplug"
+    """specplug's cache root (``specplug.paths.cache_root``)."""
+    return cache_root()
 
 
 def model_cache_dir(name: str) -> Path:

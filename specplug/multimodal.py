@@ -31,7 +31,6 @@ __all__ = [
     "MropePositions",
     "PlainPositions",
     "TextView",
-    "accepts_images",
     "check_media_inputs",
     "media_token_ids",
     "position_scheme",
@@ -65,11 +64,6 @@ def media_token_ids(model: Any) -> frozenset[int]:
     text-only model)."""
     config = getattr(model, "config", model)
     return frozenset(_ids(config, _IMAGE_IDS) | _ids(config, _VIDEO_IDS))
-
-
-def accepts_images(model: Any) -> bool:
-    """Does ``model.forward`` take ``pixel_values``?"""
-    return "pixel_values" in _forward_params(model)
 
 
 def _forward_params(model: Any) -> set[str]:

@@ -7,40 +7,12 @@ from precisely the distribution the target's plain ``generate(do_sample=True)`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from specplug.kernels.verify import argmax_last
+from specplug.types import SamplingParams
 
 __all__ = ["SamplingParams", "check_finite", "probs_from_logits", "sample_tokens", "warp_logits"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the target samples. ``temperature == 0`` means greedy decoding.
-
-    Attributes:
-        temperature: 0 for greedy; otherwise logits are divided by it.
-        top_k: keep the k most probable tokens (0 disables).
-        top_p: keep the smallest set whose probability reaches ``top_p`` (1.0 disables).
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -93,9 +93,11 @@ class DraftSession:
                 vocab_size: int, *, sampling: SamplingParams,
                 generator: torch.Generator | None = None,
                 hidden: list[torch.Tensor] | None = None, cost: Any = None
-                ) -> tuple[DraftTree, TreeLayout]:
-        """One tree per row (``DraftTree`` of ``[B, N]`` tensors; a chain on chain routes) and
-        its ``TreeLayout`` (depths ``[B, N]``, ancestors ``[B, N, N]``).
+                ) -> tuple[DraftTree, TreeLayout | None]:
+        """One tree per row (``DraftTree`` of ``[B, N]`` tensors; a chain on chain routes) and,
+        on routes that verify trees, its ``TreeLayout`` (depths ``[B, N]``, ancestors
+        ``[B, N, N]``); None on chain routes, whose engines do not need it (a chain's depth is
+        its length), so they skip building it every step.
 
         Args:
             tokens: per row, every committed token; the last is the tree's root.
@@ -114,9 +116,14 @@ class DraftSession:
                            generator=generator, target_hidden=hidden, cost=cost)
         t0 = time.perf_counter()
         tree = self.builder.build(self.drafter, ctx, limits, vocab_size)
-        layout = TreeLayout.from_tree(tree)
+        layout = TreeLayout.from_tree(tree) if self.route.trees else None
         if self.steps:  # the first step's drafting also reads the whole prompt: a one-off
-            depth = int(layout.depth.max()) if tree.width else 0
+            if not tree.width:
+                depth = 0
+            elif layout is None:  # a chain: its depth is its length
+                depth = int(tree.num_nodes.max())
+            else:
+                depth = int(layout.depth.max())
             self.speculator.cost.observe_draft(depth, time.perf_counter() - t0)
         return tree, layout
 

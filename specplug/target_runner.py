@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from specplug.budget import cached_calibration, calibrate
+from specplug.calibration import cached_calibration, calibrate
 from specplug.cost import CostModel
 from specplug.multimodal import check_media_inputs, media_token_ids
 from specplug.runner import ModelRunner, RunnerOutput

@@ -17,7 +17,7 @@ import torch
 from specplug.budget import AcceptanceCalibration, best_tree_size, worth_extending
 from specplug.cost import CostModel
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem
-from specplug.kernels.tree_prep import check_topological, prepare_tree
+from specplug.types import DraftTree, TreeLayout
 
 __all__ = [
     "ChainBuilder",
@@ -29,76 +29,6 @@ __all__ = [
     "TreeNode",
     "parse_static_paths",
 ]
-
-
-@dataclass
-class DraftTree:
-    """A batch of padded draft trees.
-
-    Attributes:
-        tokens: ``[B, N]`` int64, node i's token (padding: 0).
-        parents: ``[B, N]`` int64, parent node index; -1 = the root (last committed token).
-        num_nodes: ``[B]`` int64, real nodes per row (the rest is padding).
-        draft_probs: ``[B, N, V]`` float32, the distribution node i was drawn from; None for
-            deterministic drafts (treated as one-hot by the verifier).
-    """
-
-    tokens: torch.Tensor
-    parents: torch.Tensor
-    num_nodes: torch.Tensor
-    draft_probs: torch.Tensor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def width(self) -> int:
-        return self.tokens.shape[1]
-
-    def validate(self) -> None:
-        """Check the structural invariants (used by tests and at plugin boundaries)."""
-        if self.tokens.shape != self.parents.shape or self.tokens.dim() != 2:
-            raise ValueError(f"tokens {tuple(self.tokens.shape)} and parents "
-                             f"{tuple(self.parents.shape)} must both be [B, N]")
-        check_topological(self.parents, self.num_nodes)
-
-
-@dataclass
-class TreeLayout:
-    """What the runner and the verifier derive from a tree's parents (``prepare_tree``: the
-    Triton kernel for CUDA trees, its torch reference otherwise).
-
-    Attributes:
-        depth: ``[B, N]`` int64, 1 for children of the root; 0 for padding.
-        ancestors: ``[B, N, N]`` bool, ``ancestors[b, i, j]``: j is i or an ancestor of i
-            (padding nodes see only themselves).
-        real: ``[B, N]`` bool, real (non-padding) nodes.
-        max_depth: deepest real node over the batch.
-        retrieve: ``[B, N, N]`` int64, each node's path (see ``retrieve_indices``).
-    """
-
-    depth: torch.Tensor
-    ancestors: torch.Tensor
-    real: torch.Tensor
-    max_depth: int
-    retrieve: torch.Tensor
-
-    @staticmethod
-    def from_tree(tree: DraftTree) -> TreeLayout:
-        prep = prepare_tree(tree.parents, tree.num_nodes)
-        return TreeLayout(depth=prep.depth, ancestors=prep.ancestors, real=prep.depth > 0,
-                          max_depth=int(prep.depth.max()) if prep.depth.numel() else 0,
-                          retrieve=prep.retrieve)
-
-    def retrieve_indices(self) -> torch.Tensor:
-        """``[B, N, D]`` int64 with ``D = max(max_depth, 1)``: for each node, its path from the
-        root's child down to itself (node indices in depth order, -1 padded), to read out an
-        accepted path."""
-        B, N, _ = self.retrieve.shape
-        if N == 0:
-            return torch.full((B, 0, 1), -1, dtype=torch.long, device=self.retrieve.device)
-        return self.retrieve[..., : max(self.max_depth, 1)]
 
 
 @dataclass

@@ -21,40 +21,13 @@ Shapes: ``B`` rows, ``N`` nodes, ``V`` vocabulary, ``D`` max accepted depth. Tar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from specplug.kernels.verify import TreeVerifyOutput, accepted_path, verify_tree
 from specplug.sampling import SamplingParams, check_finite, probs_from_logits, warp_logits
-from specplug.tree import DraftTree, TreeLayout
+from specplug.types import DraftTree, TreeLayout, VerifyResult
 
 __all__ = ["VerifyResult", "verify_exact", "verify_greedy", "verify_typical"]
-
-
-@dataclass
-class VerifyResult:
-    """Per row: the accepted path and the bonus token.
-
-    Attributes:
-        accepted_nodes: ``[B, D]`` int64 node indices of the accepted path, root's child
-            first, -1 padded.
-        num_accepted: ``[B]`` int64 number of accepted draft nodes.
-        bonus_tokens: ``[B]`` int64 token the target emits after the accepted path.
-    """
-
-    accepted_nodes: torch.Tensor
-    num_accepted: torch.Tensor
-    bonus_tokens: torch.Tensor
-
-    def new_tokens(self, tree: DraftTree) -> list[list[int]]:
-        """Per row: accepted draft tokens then the bonus token."""
-        out = []
-        for b in range(tree.batch_size):
-            n = int(self.num_accepted[b])
-            idx = self.accepted_nodes[b, :n]
-            out.append(tree.tokens[b, idx].tolist() + [int(self.bonus_tokens[b])])
-        return out
 
 
 def _check_logits(tree: DraftTree, logits: torch.Tensor) -> None:

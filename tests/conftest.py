@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SPECPLUG_KERNELS_POISON", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# cost-curve calibrations (specplug.budget) of tiny models go to a throw-away folder
+# cost-curve calibrations (specplug.calibration) of tiny models go to a throw-away folder
 os.environ.setdefault("SPECPLUG_COST_CACHE", tempfile.mkdtemp(prefix="specplug-cost-"))
 
 

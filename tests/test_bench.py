@@ -57,10 +57,12 @@ def test_load_questions_errors(tmp_path, line, needle):
 
 
 def test_method_options_keep_brackets():
-    from specplug.bench.methods import _options
+    from specplug.config import parse_key_values
 
-    assert _options("tree=static,tree_paths=[[0],[1],[0,0]],layers=[0,1]") == {
-        "tree": "static", "tree_paths": [[0], [1], [0, 0]], "layers": [0, 1]}
+    assert parse_key_values("tree=static,tree_paths=[[0],[1],[0,0]],layers=[0,1],x=a") == {
+        "tree": "static", "tree_paths": [[0], [1], [0, 0]], "layers": [0, 1], "x": "a"}
+    with pytest.raises(ValueError, match="'layers' must be KEY=VALUE"):
+        parse_key_values("a=1,layers")
 
 
 def test_parse_method_errors():

@@ -9,7 +9,8 @@ import pytest
 from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug import SpecConfig
-from specplug.budget import best_tree_size, cached_calibration, calibrate, worth_extending
+from specplug.budget import best_tree_size, worth_extending
+from specplug.calibration import cached_calibration, calibrate
 from specplug.cost import BatchedCost, CostModel
 from specplug.drafters.base import Candidates, DraftContext, Drafter, DrafterOptions
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate

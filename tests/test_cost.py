@@ -6,7 +6,8 @@ import pytest
 from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug import SpecConfig
-from specplug.cost import CostModel, best_depth
+from specplug.budget import best_depth
+from specplug.cost import CostModel
 from specplug.drafters.base import DraftContext, StepOutcome
 from specplug.drafters.ngram import NgramDrafter
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate

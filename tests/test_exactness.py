@@ -23,7 +23,7 @@ import torch
 from scipy.stats import chisquare
 
 import specplug.kernels.verify as verify_kernels
-from specplug.budget import calibrate
+from specplug.calibration import calibrate
 from specplug.drafters.base import Candidates, DraftContext, Drafter, DrafterOptions
 from specplug.sampling import SamplingParams, probs_from_logits
 from specplug.tree import ChainBuilder, DynamicTreeBuilder, StaticTreeBuilder

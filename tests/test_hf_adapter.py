@@ -8,7 +8,7 @@ import transformers
 from tiny_models import MODELS, VOCAB, repetitive_prompts, tiny_gemma, tiny_llama
 
 import specplug.hf as sh
-from specplug.adapters import hf as hf_adapter
+from specplug.adapters import hf_assisted
 
 # a deprecated transformers argument in specplug's calls fails the test (5.24 silently dropped
 # the deprecated past_key_values when generate also passed cache=)
@@ -133,7 +133,7 @@ def test_assistant_route_limits(llama):
 
 def test_unsupported_transformers_version_is_refused(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "4.40.0")
-    monkeypatch.setattr(hf_adapter, "_original_get_candidate_generator", None)
+    monkeypatch.setattr(hf_assisted, "_original_get_candidate_generator", None)
     with pytest.raises(RuntimeError, match=r"transformers >= 5.23, < 5.25.*found 4.40.0"):
         sh.assistant(tiny_llama(0), "ngram")
 

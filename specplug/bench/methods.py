@@ -9,12 +9,13 @@ real vLLM engines (``specplug.bench.vllm_methods``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from specplug.config import parse_key_values
 
 __all__ = ["MethodRun", "Method", "parse_method"]
 
@@ -48,33 +49,6 @@ class Method:
     close: Callable[[], None] | None = None
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Split at commas outside brackets: ``a=1,b=[1,2]`` -> ``["a=1", "b=[1,2]"]``."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [p.strip() for p in [*parts, cur] if p.strip()]
-
-
-def _options(text: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for part in _split_top_level(text):
-        key, eq, raw = part.partition("=")
-        if not eq or not key:
-            raise ValueError(f"method option {part!r} must be KEY=VALUE")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
-
-
 class _ForwardCounter:
     """Counts top-level forward calls of a model (the target passes)."""
 
@@ -106,7 +80,7 @@ def _hf_method(name: str, model: Any, rest: str, load: Callable[[str], Any],
         layers = model.config.get_text_config().num_hidden_layers
         gen["assistant_early_exit"] = int(arg) if arg else layers // 2
     elif kind == "assisted":
-        opts = _options(arg)
+        opts = parse_key_values(arg)
         if set(opts) != {"model"}:
             raise ValueError("hf:assisted takes model=NAME (a short name or a local folder)")
         gen["assistant_model"] = load(str(opts["model"]))
@@ -163,4 +137,4 @@ def parse_method(spec: str, model: Any, load: Callable[[str], Any],
         return vllm_method(spec, model_dir, temperature)
     if head == "hf":
         return _hf_method(spec, model, rest, load, temperature)
-    return _specplug_method(spec, model, head, _options(rest), load, temperature)
+    return _specplug_method(spec, model, head, parse_key_values(rest), load, temperature)

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from specplug.bench.methods import Method, MethodRun, _options
+from specplug.bench.methods import Method, MethodRun
+from specplug.config import parse_key_values
 
 __all__ = ["VllmEngine", "vllm_method", "vllm_speculative_config"]
 
@@ -51,7 +52,7 @@ def vllm_speculative_config(rest: str, model_dir: str | None = None) -> dict[str
         drafter, _, opts = arg.partition(":")
         from specplug.adapters.vllm import translate_speculative_config
 
-        spec = {"method": "specplug", "drafter": drafter, **_options(opts)}
+        spec = {"method": "specplug", "drafter": drafter, **parse_key_values(opts)}
         # validate now, not in the engine process
         translate_speculative_config(spec, None, target_model=model_dir)
         return spec

@@ -14,13 +14,13 @@ the output.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from specplug.sampling import SamplingParams
+from specplug.types import DraftContext, StepOutcome
 
 __all__ = [
     "Candidates",
@@ -36,34 +36,6 @@ class DrafterOptions(BaseModel):
     """Base of every drafter's options model; unknown options are errors."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
-
-
-@dataclass
-class DraftContext:
-    """What a drafter sees at the start of a step.
-
-    Attributes:
-        tokens: per row, every committed token (prompt without padding, then generated);
-            the last one is the tree's root: committed, but not yet scored by the target.
-        active: per row, False once the row has finished (its tree must stay empty).
-        sampling: the target's sampling parameters.
-        generator: the step's random generator (drafters that sample use it).
-        target_hidden: per row, ``[n_b, F]`` the target's hidden features (the layers the
-            drafter names in ``hidden_layers``, concatenated) of the tokens committed and
-            scored since the previous step, in order: at the first step the whole prompt,
-            then the root and accepted tokens of the last step. The last row is at the position
-            that produced the root. Over a generation they cover every committed token but the
-            root. None when the drafter names no layers.
-        cost: the target's measured forward cost by number of scored tokens (None when the
-            framework's loop runs the target and specplug cannot time it).
-    """
-
-    tokens: list[list[int]]
-    active: list[bool]
-    sampling: SamplingParams
-    generator: torch.Generator | None = None
-    target_hidden: list[torch.Tensor] | None = None
-    cost: Any = None  # specplug.cost.CostModel | None
 
 
 @dataclass
@@ -96,23 +68,6 @@ class Candidates:
 
 
 EMPTY = Candidates(tokens=[], probs=[], handles=[])
-
-
-@dataclass
-class StepOutcome:
-    """What the verifier decided for one step, per row.
-
-    Attributes:
-        accepted: the draft tokens accepted, in path order (may be empty).
-        bonus: the token the target chose after the accepted path (the next root; EOS or the
-            last token when the row finished in this step); None for rows already finished.
-        tokens: every committed token of the row after this step (prompt included).
-    """
-
-    accepted: list[list[int]]
-    bonus: list[int | None]
-    tokens: list[list[int]]
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Drafter(ABC):

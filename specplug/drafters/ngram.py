@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from specplug.cost import best_depth
+from specplug.budget import best_depth
 from specplug.drafters.base import (
     EMPTY,
     Candidates,
@@ -207,7 +207,7 @@ class NgramDrafter(Drafter):
     name = "ngram"
     Options = NgramOptions
     #: a cap, not a length: the adaptive rule drafts what pays under the measured cost curve,
-    #: which ``specplug.budget.calibrate`` times up to 32 scored tokens. Where that curve is
+    #: which ``specplug.calibration.calibrate`` times up to 32 scored tokens. Where that curve is
     #: flat beyond 16 (Gemma-3-270M on 2 cores: 32 tokens cost 1.2x 16) loops and copies go
     #: twice as far per step (``docs/adaptive.md``).
     default_num_speculative_tokens = 32
