@@ -27,7 +27,7 @@ from specplug.drafters.base import StepOutcome
 from specplug.engine import Speculator
 from specplug.online.observer import VerifyRecord, teacher_topk
 from specplug.sampling import SamplingParams
-from specplug.session import DraftSession, Route, check_route
+from specplug.session import DraftSession, Route, check_route, check_speculator
 
 __all__ = ["ASSISTED", "SUPPORTED", "Assistant", "assistant", "install"]
 
@@ -64,7 +64,7 @@ class Assistant:
         self.device = target.device
         self.generation_config = copy.deepcopy(target.generation_config)
         self.speculator = Speculator.from_config(config, target)
-        DraftSession(self.speculator, ASSISTED)  # refuses what the loop cannot feed, up front
+        check_speculator(self.speculator, ASSISTED)  # what the loop cannot feed, up front
 
     def candidate_generator(self, generation_config: Any) -> CandidateGenerator:
         from specplug.adapters.hf import _sampling_from

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from specplug.engine import Speculator
     from specplug.online.observer import VerifyRecord
 
-__all__ = ["ENGINE", "DraftSession", "Route", "check_route", "check_token_only"]
+__all__ = ["ENGINE", "DraftSession", "Route", "check_route", "check_speculator", "check_token_only"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,7 @@ class DraftSession:
     def __init__(self, speculator: Speculator, route: Route = ENGINE):
         self.speculator = speculator
         self.route = route
-        check_route(speculator.config, route)
-        _check_built(speculator, route)
+        check_speculator(speculator, route)
         self.drafter = speculator.drafter
         self.builder = speculator.builder
         self.observers = speculator.observers
@@ -193,8 +192,13 @@ def check_token_only(method: str, route: str = "this engine") -> None:
             f"{', '.join(usable)}")
 
 
-def _check_built(speculator: Speculator, route: Route) -> None:
-    """What only the built drafter and observers can tell."""
+def check_speculator(speculator: Speculator, route: Route) -> None:
+    """``check_route``, then what only the built drafter and observers can tell.
+
+    Raises:
+        ValueError, NotImplementedError: naming the route, the setting and the fix.
+    """
+    check_route(speculator.config, route)
     config, drafter = speculator.config, speculator.drafter
     where = f" (use {route.alternative})" if route.alternative else ""
     if not route.hidden_states and drafter.hidden_layers:
