@@ -77,11 +77,9 @@ def replay(turns: list[dict], rule: str, cost: CostModel, max_new: int, overhead
     carries across turns, as in ``specplug bench``)."""
     kind, _, k = rule.partition(":")
     if kind == "fixed":
-        drafter = NgramDrafter(NgramOptions(adaptive=False), max_depth=int(k))
-    elif kind == "adaptive":
+        drafter = NgramDrafter(NgramOptions(), max_depth=int(k))
+    elif kind == "adaptive" or kind == "oracle":
         drafter = NgramDrafter(NgramOptions(), max_depth=max_depth)
-    elif kind == "oracle":
-        drafter = NgramDrafter(NgramOptions(adaptive=False), max_depth=max_depth)
     else:
         raise ValueError(f"unknown rule {rule!r}: adaptive, fixed:K or oracle")
     builder = ChainBuilder(drafter.max_depth)  # the engine's: top candidate at every depth
@@ -97,7 +95,7 @@ def replay(turns: list[dict], rule: str, cost: CostModel, max_new: int, overhead
         p = 1  # the first token comes from the prefill, as in the engine
         while p < len(answer):
             ctx = DraftContext(tokens=[prompt + answer[:p]], active=[True],
-                               sampling=SamplingParams(), cost=cost)
+                               sampling=SamplingParams(), cost=cost, adaptive=kind == "adaptive")
             # vocab_size sizes draft distributions, which a deterministic drafter has none of
             tree = builder.build(drafter, ctx, [max_new - p - 1], vocab_size=1)
             draft = tree.tokens[0, :int(tree.num_nodes[0])].tolist()

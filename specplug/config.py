@@ -35,6 +35,10 @@ class SpecConfig(BaseModel):
         acceptance_method: ``rejection_sampler`` (lossless; greedy at temperature 0) or
             ``typical_acceptance_sampler`` (Medusa's typical acceptance: LOSSY, opt-in).
         posterior_threshold, posterior_alpha: typical acceptance parameters.
+        adaptive: size each step's draft (chain length, tree nodes) by what is expected to
+            pay under the target's measured cost curve (``specplug.budget``): the drafter's
+            own confidence, or for ``ngram`` the acceptance it has seen per kind of match;
+            0 tokens when nothing pays. False: always the configured depth / budget.
         adapt: observers that adapt speculation while it serves, by name with their options,
             e.g. ``{"test_time": {"interval": 4}}`` (``specplug.online``; ``{}``: defaults).
         Any other key: an option of the chosen drafter (see ``docs/configuration.md``).
@@ -51,6 +55,7 @@ class SpecConfig(BaseModel):
     acceptance_method: str = "rejection_sampler"
     posterior_threshold: float = Field(0.09, gt=0.0, le=1.0)
     posterior_alpha: float = Field(0.3, gt=0.0, le=1.0)
+    adaptive: bool = True
     adapt: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
     _options: DrafterOptions | None = PrivateAttr(default=None)

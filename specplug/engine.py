@@ -111,8 +111,8 @@ class Speculator:
 
     @property
     def adaptive(self) -> bool:
-        """Does the drafter size its drafts by the cost curve (its ``adaptive`` option)?"""
-        return bool(getattr(self.drafter.options, "adaptive", False))
+        """Are drafts sized by the cost curve (``SpecConfig.adaptive``)?"""
+        return self.config.adaptive
 
     @property
     def teacher_k(self) -> int:

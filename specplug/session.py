@@ -112,7 +112,8 @@ class DraftSession:
                 its batched view); None where the route cannot time the target.
         """
         ctx = DraftContext(tokens=tokens, active=active, sampling=sampling,
-                           generator=generator, target_hidden=hidden, cost=cost)
+                           generator=generator, target_hidden=hidden, cost=cost,
+                           adaptive=self.speculator.adaptive)
         t0 = time.perf_counter()
         tree = self.builder.build(self.drafter, ctx, limits, vocab_size)
         layout = TreeLayout.from_tree(tree) if self.route.trees else None

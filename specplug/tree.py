@@ -106,12 +106,11 @@ class TreeBuilder(ABC):
     ) -> DraftTree:
         """Build one tree per row; row b gets no node deeper than ``depth_limit[b]``.
 
-        With an adaptive drafter (``options.adaptive``) whose confidences are probabilities,
+        With ``ctx.adaptive`` and a drafter whose confidences are probabilities,
         the tree is cut to the size that maximises expected tokens per unit of step time under
         ``ctx.cost`` (``specplug.budget``)."""
         sample = (not ctx.sampling.greedy) and drafter.probabilistic
-        self.cost = ctx.cost if (
-            drafter.probabilistic and getattr(drafter.options, "adaptive", False)) else None
+        self.cost = ctx.cost if drafter.probabilistic and ctx.adaptive else None
         roots = drafter.begin(ctx)
         nodes: list[list[TreeNode]] = [[] for _ in ctx.tokens]
         self._grow(drafter, ctx, roots, nodes, depth_limit, sample)

@@ -166,6 +166,8 @@ class DraftContext:
             root. None when the drafter names no layers.
         cost: the target's measured forward cost by number of scored tokens (None when the
             framework's loop runs the target and specplug cannot time it).
+        adaptive: size the draft by its expected payoff under ``cost``
+            (``SpecConfig.adaptive``); False: draft up to the depth limit.
     """
 
     tokens: list[list[int]]
@@ -174,6 +176,7 @@ class DraftContext:
     generator: torch.Generator | None = None
     target_hidden: list[torch.Tensor] | None = None
     cost: Any = None  # specplug.cost.CostModel | None
+    adaptive: bool = True
 
 
 @dataclass

@@ -12,7 +12,7 @@ from specplug import SpecConfig
 from specplug.budget import best_tree_size, worth_extending
 from specplug.calibration import cached_calibration, calibrate
 from specplug.cost import BatchedCost, CostModel
-from specplug.drafters.base import Candidates, DraftContext, Drafter, DrafterOptions
+from specplug.drafters.base import Candidates, DraftContext, Drafter
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
 from specplug.sampling import SamplingParams
 from specplug.tree import ChainBuilder, DynamicTreeBuilder
@@ -86,11 +86,8 @@ class Confident(Drafter):
     name = "confident"
     probabilistic = True
 
-    class Options(DrafterOptions):
-        adaptive: bool = True
-
     def __init__(self, p: float):
-        super().__init__(self.Options())
+        super().__init__()
         self.p = p
 
     def begin(self, ctx):
@@ -102,8 +99,9 @@ class Confident(Drafter):
                             handles=[None] * k) for _ in row] for row in frontier]
 
 
-def _ctx(cost):
-    return DraftContext(tokens=[[1, 2, 3]], active=[True], sampling=SamplingParams(), cost=cost)
+def _ctx(cost, adaptive=True):
+    return DraftContext(tokens=[[1, 2, 3]], active=[True], sampling=SamplingParams(), cost=cost,
+                        adaptive=adaptive)
 
 
 class FakeRunner:
@@ -131,9 +129,8 @@ def test_budget_is_longer_when_scoring_is_cheap(builder):
     assert int(cheap.num_nodes[0]) == builder.max_nodes
     assert 0 < int(dear.num_nodes[0]) < int(cheap.num_nodes[0])
     # not adaptive: the configured budget whatever the cost
-    fixed = Confident(0.9)
-    fixed.options = Confident.Options(adaptive=False)
-    assert int(builder.build(fixed, _ctx(steep), [8], 64).num_nodes[0]) == builder.max_nodes
+    assert int(builder.build(drafter, _ctx(steep, adaptive=False), [8], 64).num_nodes[0]) \
+        == builder.max_nodes
 
 
 def test_calibration_is_measured_once_per_model_and_device(tmp_path, monkeypatch):

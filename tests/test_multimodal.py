@@ -188,20 +188,21 @@ def test_sampling_runs_and_reproduces(vlm):
 
 
 def test_ngram_never_matches_or_proposes_across_images():
-    d = NgramDrafter(SpecConfig(method="ngram", adaptive=False).drafter_options, max_depth=8)
+    d = NgramDrafter(SpecConfig(method="ngram").drafter_options, max_depth=8)
     d.bind_media(frozenset({IMAGE_ID}))
     a, b, c = 10, 11, 12
     img = [IMAGE_ID] * 3
     # "a b" was followed by an image, then "c": the continuation stops before the image
     toks = [a, b, *img, c, 20, 21, a, b]
     d.start([toks])
-    ctx = DraftContext(tokens=[toks], active=[True], sampling=SamplingParams())
+    ctx = DraftContext(tokens=[toks], active=[True], sampling=SamplingParams(), adaptive=False)
     (root,) = d.begin(ctx)
     assert root.children == {}  # the only continuation of "a b" starts with an image
     # the image's own placeholders never form n-grams, nor does text across them
     toks2 = [*img, c, 30, *img, c]
     d.start([toks2])
-    (root,) = d.begin(DraftContext(tokens=[toks2], active=[True], sampling=SamplingParams()))
+    (root,) = d.begin(DraftContext(tokens=[toks2], active=[True], sampling=SamplingParams(),
+                                   adaptive=False))
     assert list(root.children) == [30]  # "c" -> 30, found without reading through the image
     assert all(IMAGE_ID not in key for table in d.rows[0].tables.values() for key in table)
 

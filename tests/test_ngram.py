@@ -8,7 +8,8 @@ from specplug.sampling import SamplingParams
 
 
 def _chain(drafter: NgramDrafter, tokens: list[int], depth: int) -> list[int]:
-    ctx = DraftContext(tokens=[tokens], active=[True], sampling=SamplingParams())
+    """The top chain of ``depth`` tokens at fixed depth (not sized by acceptance)."""
+    ctx = DraftContext(tokens=[tokens], active=[True], sampling=SamplingParams(), adaptive=False)
     node, out = drafter.begin(ctx)[0], []
     for _ in range(depth):
         cands = node.candidates(1)
@@ -32,14 +33,14 @@ def test_alternating_text_follows_the_occurrence_one_period_back():
     and the most recent occurrence says 1; only the matching context says 2, which is right."""
     q = [7, 8, 9, 10, 11]
     tokens = [1, *q, 2, *q, 1, *q, 2, *q, 1, *q]
-    drafter = NgramDrafter(NgramOptions(adaptive=False), max_depth=8)
+    drafter = NgramDrafter(NgramOptions(), max_depth=8)
     drafter.start([tokens])
     assert _chain(drafter, tokens, 8) == [2, *q, 1, 7]
 
 
 def test_majority_then_recency_without_context_differences():
     tokens = [3, 5, 1, 4, 5, 2, 6, 5, 1, 8, 5]  # "5" -> 1, 2, 1, each with context 1: majority
-    drafter = NgramDrafter(NgramOptions(adaptive=False, prompt_lookup_max=1), max_depth=1)
+    drafter = NgramDrafter(NgramOptions(prompt_lookup_max=1), max_depth=1)
     drafter.start([tokens])
     assert _chain(drafter, tokens, 1) == [1]
     tokens = [3, 5, 1, 4, 5, 2, 8, 5]  # "5" -> 1, 2: a tie, the most recent wins

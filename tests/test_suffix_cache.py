@@ -71,8 +71,7 @@ def _serve(drafter: NgramDrafter, prompt: list[int], text: list[int]) -> None:
 def test_drafter_drafts_from_an_earlier_request():
     text = list(range(10, 50))  # no repeated n-gram: a row's own index finds nothing
     for cache_tokens, want in [(1000, text[12:20]), (0, [])]:
-        drafter = NgramDrafter(NgramOptions(adaptive=False, suffix_cache_tokens=cache_tokens),
-                               max_depth=8)
+        drafter = NgramDrafter(NgramOptions(suffix_cache_tokens=cache_tokens), max_depth=8)
         _serve(drafter, text[:20], text)
         if cache_tokens:
             assert drafter.cache.num_sequences == 0  # a row is cached when the next one starts

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import Field
 
 from specplug.drafters.base import DrafterOptions
-from specplug.drafters.model_drafter import ADAPTIVE, ModelDrafter, check_vocab, output_vocab
+from specplug.drafters.model_drafter import ModelDrafter, check_vocab, output_vocab
 from specplug.hookspecs import hookimpl
 from specplug.multimodal import media_token_ids
 
@@ -19,7 +19,6 @@ from specplug.multimodal import media_token_ids
 class DraftModelOptions(DrafterOptions):
     model: Any = Field(..., description="a loaded HF causal LM, a known short name "
                                         "(see specplug.models) or a local HF folder")
-    adaptive: bool = Field(True, description=ADAPTIVE)
     image_marker: list[int] = Field(
         default_factory=list, description="vision-language targets: the draft's token ids "
         "that stand in for each image span (empty: image spans are removed)")

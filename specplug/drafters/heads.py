@@ -37,9 +37,6 @@ class HeadOptions(DrafterOptions):
         None, description="a head folder (config.json + model.safetensors), a loaded "
                           "specplug.heads.nets.DraftNet, or None for the head shipped for the "
                           "target")
-    adaptive: bool = Field(
-        True, description="size each step's draft (chain length, tree nodes) by the head's own "
-                          "confidence and the measured cost curve (specplug.budget)")
 
 
 def _target_name(target: Any) -> str | None:

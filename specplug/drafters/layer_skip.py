@@ -11,16 +11,15 @@ import copy
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import field_validator
 
 from specplug.drafters.base import DrafterOptions
-from specplug.drafters.model_drafter import ADAPTIVE, ModelDrafter
+from specplug.drafters.model_drafter import ModelDrafter
 from specplug.hookspecs import hookimpl
 
 
 class LayerSkipOptions(DrafterOptions):
     layers: int | list[int] | None = None  # None: the first half of the layers
-    adaptive: bool = Field(True, description=ADAPTIVE)
 
     @field_validator("layers")
     @classmethod

@@ -22,11 +22,6 @@ from specplug.sampling import SamplingParams, check_finite, probs_from_logits
 
 _ROOT = object()
 
-ADAPTIVE = ("size each step's draft (chain length, tree nodes) by the draft model's own "
-            "confidence and the measured cost curve (specplug.budget); False: always the "
-            "configured depth / budget")
-
-
 def check_vocab(draft_vocab: int, target_vocab: int, what: str,
                 media: frozenset[int] = frozenset()) -> None:
     """Equal vocabularies, or (a vision-language target) the target's is the draft's with ids

@@ -8,7 +8,7 @@ follows the occurrence whose preceding context matches the current one longest (
 occurrence one period back predicts what follows ``x``), then the continuation most occurrences
 agree on, then the most recent; a tree proposes the competing continuations as branches.
 
-With ``adaptive`` (the default) the draft length is chosen each step: the drafter keeps the
+With ``SpecConfig.adaptive`` (the default) the draft length is chosen each step: the drafter keeps the
 acceptance rate of its drafts for each kind of match (context length, agreeing occurrences;
 this request's counts shrunk toward the lifetime estimate) and drafts the length that maximises expected tokens per unit of
 target time under the engine's measured cost curve (``specplug.cost``). On a CPU where scoring
@@ -45,7 +45,6 @@ class NgramOptions(DrafterOptions):
     prompt_lookup_min: int = Field(1, ge=1, le=16)
     prompt_lookup_max: int = Field(4, ge=1, le=16)
     max_matches: int = Field(8, ge=1, le=256)
-    adaptive: bool = True
     suffix_cache_tokens: int = Field(0, ge=0, le=10_000_000)  # across requests; 0 = off
 
     @model_validator(mode="after")
@@ -262,7 +261,7 @@ class NgramDrafter(Drafter):
                     first = ranked[0][2][0]
                     agree = sum(1 for _, _, cont in ranked if cont[0] == first)
                     kind = (_context_bucket(ranked[0][0]), min(agree, 3) + offset)
-                    if self.options.adaptive:
+                    if ctx.adaptive:
                         limit = best_depth(self.acceptance.rate(kind), limit, ctx.cost)
                         if limit == 0:
                             self.acceptance.idle(kind)
