@@ -22,6 +22,7 @@ from packaging.version import Version
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.utils import GenerationMixin
 
+from specplug.adapters.hf_options import sampling_from
 from specplug.config import SpecConfig, build_spec
 from specplug.drafters.base import StepOutcome
 from specplug.engine import Speculator
@@ -67,10 +68,8 @@ class Assistant:
         check_speculator(self.speculator, ASSISTED)  # what the loop cannot feed, up front
 
     def candidate_generator(self, generation_config: Any) -> CandidateGenerator:
-        from specplug.adapters.hf import _sampling_from
-
         vocab = int(self.target.get_output_embeddings().weight.shape[0])
-        return _SpecplugCandidateGenerator(self.speculator, _sampling_from(generation_config, check=False),
+        return _SpecplugCandidateGenerator(self.speculator, sampling_from(generation_config, check=False),
                                            generation_config.max_length, vocab)
 
 

@@ -109,7 +109,7 @@ def native_eagle_config(spec: dict[str, Any], target_model: str | None) -> dict[
         raise ValueError(f"invalid specplug speculative config: drafter 'eagle' exports its head "
                          f"against the target's config.json, and {target_model!r} is not a "
                          "local model folder; pass --model a folder")
-    from specplug.drafters.heads import shipped_head
+    from specplug.drafters.trained_heads import shipped_head
     from specplug.heads.export import cached_vllm_eagle
 
     try:

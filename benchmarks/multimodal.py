@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_vlm import image_prompts  # noqa: E402
 
 import specplug.hf as sh  # noqa: E402
-from specplug.drafters.heads import SHIPPED  # noqa: E402
+from specplug.drafters.trained_heads import SHIPPED  # noqa: E402
 from specplug.models import load_model, load_processor  # noqa: E402
 from specplug.train.data import image_prompt_text  # noqa: E402
 

@@ -154,7 +154,7 @@ def _teacher_forced_eagle_steps(prompt: list[int], out: list[int], net, target, 
 def test_vllm_eagle_drafts_what_specplugs_head_predicts():
     """The exported head inside vLLM is the same network: with one draft token per step, the
     drafts vLLM accepts are the ones specplug's head predicts from the same target features."""
-    from specplug.drafters.heads import shipped_head
+    from specplug.drafters.trained_heads import shipped_head
     from specplug.heads.checkpoint import load_head
     from specplug.models import load_model
 

@@ -100,7 +100,7 @@ def test_wheel_holds_every_source_module(built):
 def test_wheel_ships_data_and_nothing_a_user_does_not_need(built):
     names = zipfile.ZipFile(built["wheel"]).namelist()
     assert any(n.startswith("specplug/heads/weights/") and n.endswith(".safetensors") for n in names)
-    assert any(n.startswith("specplug/train/data/") and n.endswith(".jsonl") for n in names)
+    assert any(n.startswith("specplug/train/seed_prompts/") and n.endswith(".jsonl") for n in names)
     unwanted = [n for n in names if n.split("/")[0] in {"tests", "integration_tests", "benchmarks",
                                                         "docs", "scripts", "bench-out"}
                 or "__pycache__" in n]
@@ -135,7 +135,7 @@ print(json.dumps({"files": files, "names": names, "failed": failed}))
     report = json.loads(_in_venv(wheel_python, code).stdout.splitlines()[-1])
     outside = [f for f in report["files"] if not Path(f).is_relative_to(wheel_python.parents[1])]
     assert not outside, f"modules resolved from outside the wheel's venv: {outside}"
-    assert "specplug.adapters.hf" in report["names"] and "specplug.kernels.verify" in report["names"]
+    assert "specplug.adapters.hf_generate" in report["names"] and "specplug.kernels.verify" in report["names"]
     assert not report["failed"], report["failed"]
 
 

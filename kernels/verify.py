@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from specplug.kernels._dispatch import pick_backend
+from specplug.sampling import argmax_last
 from specplug.types import VerifyResult
 
 __all__ = [
     "ChainVerifyOutput",
     "TreeVerifyOutput",
-    "argmax_last",
     "verify_chains",
     "verify_chains_reference",
     "verify_tree",
@@ -227,13 +227,6 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     V = weights.shape[-1]
     last_pos = torch.where(weights > 0, torch.arange(V, device=weights.device), -1).amax(-1)
     return torch.minimum(idx, last_pos)
-
-
-def argmax_last(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., V]`` -> ``[...]`` int64: ``torch.argmax(x, -1)`` (the first of tied maxima, a
-    NaN's index where there is one), computed as ``x.max(-1).indices``, which returns the same
-    indices and is faster on CPU (measured in docs/kernels.md)."""
-    return x.max(-1).indices
 
 
 def accepted_path(retrieve: torch.Tensor, best: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from specplug.acceptance import verify_exact, verify_typical
 from specplug.hookspecs import hookimpl
 from specplug.tree import ChainBuilder, DynamicTreeBuilder, StaticTreeBuilder
-from specplug.verify import verify_exact, verify_typical
 
 
 @hookimpl

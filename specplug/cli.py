@@ -30,7 +30,7 @@ def _machine() -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from specplug.adapters.hf import generate
+    from specplug.adapters.hf_generate import generate
     from specplug.config import SpecConfig
     from specplug.engine import Speculator
     from specplug.models import encode_prompt, load_model
@@ -178,7 +178,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import json
 
-    from specplug.drafters.heads import shipped_head
+    from specplug.drafters.trained_heads import shipped_head
     from specplug.heads.export import export_vllm_eagle
     from specplug.models import resolve_model_dir
 

@@ -2,7 +2,7 @@
 
 Kept small on purpose (in the spirit of gpt-fast): everything model- or framework-specific
 lives behind ``TargetRunner`` and ``Drafter``; everything about trees lives in
-``specplug.tree``; acceptance lives in ``specplug.verify``.
+``specplug.tree``; acceptance lives in ``specplug.acceptance``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from specplug.sampling import SamplingParams, sample_tokens
 from specplug.session import DraftSession
 from specplug.target_runner import ModelTargetRunner, TargetRunner
 from specplug.tree import TreeBuilder
-from specplug.verify import VerifyResult
+from specplug.types import VerifyResult
 
 __all__ = [
     "GenerationOutput",

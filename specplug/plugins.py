@@ -18,7 +18,7 @@ BUILTIN_PLUGINS = (
     "specplug.drafters.ngram",
     "specplug.drafters.draft_model",
     "specplug.drafters.layer_skip",
-    "specplug.drafters.heads",
+    "specplug.drafters.trained_heads",
     "specplug.online.distill",
     "specplug.builtins",
 )

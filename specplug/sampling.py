@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from specplug.kernels.verify import argmax_last
 from specplug.types import SamplingParams
 
-__all__ = ["SamplingParams", "check_finite", "probs_from_logits", "sample_tokens", "warp_logits"]
+__all__ = ["SamplingParams", "argmax_last", "check_finite", "probs_from_logits", "sample_tokens", "warp_logits"]
+
+
+def argmax_last(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., V]`` -> ``[...]`` int64: ``torch.argmax(x, -1)`` (the first of tied maxima, a
+    NaN's index where there is one), computed as ``x.max(-1).indices``, which returns the same
+    indices and is faster on CPU (measured in docs/kernels.md)."""
+    return x.max(-1).indices
 
 
 def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -4,7 +4,7 @@ Every route runs the same drafting protocol around a target it does or does not 
 ``start(prompts)`` once per batch of requests, then per step ``propose(...) -> DraftTree`` and,
 after the target verified, ``accept(outcome)``. specplug's own engine
 (``specplug.engine.speculative_generate``), transformers' assisted loop (the
-``assistant_model=`` route, ``adapters/hf.py``) and serving engines (``ChainProposer``,
+``assistant_model=`` route, ``adapters/hf_assisted.py``) and serving engines (``ChainProposer``,
 ``specplug.serving``) all drive one ``DraftSession``, so what a drafter, its observers and its
 tree builder learn about acceptance is learned the same way everywhere.
 

@@ -19,7 +19,7 @@ from specplug.cost import CostModel
 from specplug.multimodal import check_media_inputs, media_token_ids
 from specplug.runner import ModelRunner, RunnerOutput
 from specplug.tree import DraftTree, TreeLayout
-from specplug.verify import VerifyResult
+from specplug.types import VerifyResult
 
 CALIBRATION_CONTEXT = 128  # tokens of context the cost curve is measured at
 

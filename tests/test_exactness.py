@@ -23,11 +23,11 @@ import torch
 from scipy.stats import chisquare
 
 import specplug.kernels.verify as verify_kernels
+from specplug.acceptance import verify_exact
 from specplug.calibration import calibrate
 from specplug.drafters.base import Candidates, DraftContext, Drafter, DrafterOptions
 from specplug.sampling import SamplingParams, probs_from_logits
 from specplug.tree import ChainBuilder, DynamicTreeBuilder, StaticTreeBuilder
-from specplug.verify import verify_exact
 
 V = 8
 N = 20_000

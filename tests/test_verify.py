@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specplug.kernels.verify import argmax_last
-from specplug.sampling import SamplingParams, check_finite, probs_from_logits, warp_logits
+from specplug.acceptance import verify_exact, verify_greedy, verify_typical
+from specplug.sampling import (
+    SamplingParams,
+    argmax_last,
+    check_finite,
+    probs_from_logits,
+    warp_logits,
+)
 from specplug.tree import DraftTree
-from specplug.verify import verify_exact, verify_greedy, verify_typical
 
 V = 10
 

@@ -16,9 +16,9 @@ def record_matches(into: list[int]) -> Iterator[None]:
     ``into``. The wrap is removed on exit, so nothing is patched outside a measurement."""
     from transformers.generation.utils import GenerationMixin
 
-    from specplug.adapters import hf as hf_adapter
+    from specplug.adapters.hf_assisted import install
 
-    hf_adapter.install()  # specplug's assistant route first, so it is recorded too
+    install()  # specplug's assistant route first, so it is recorded too
     current = GenerationMixin._get_candidate_generator
 
     def _get_candidate_generator(self: Any, *args: Any, **kwargs: Any) -> Any:

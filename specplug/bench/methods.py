@@ -107,7 +107,7 @@ def _hf_method(name: str, model: Any, rest: str, load: Callable[[str], Any],
 
 def _specplug_method(name: str, model: Any, method: str, opts: dict[str, Any],
                      load: Callable[[str], Any], temperature: float) -> Method:
-    from specplug.adapters.hf import generate
+    from specplug.adapters.hf_generate import generate
     from specplug.config import SpecConfig
     from specplug.engine import Speculator
 

@@ -5,7 +5,7 @@ Notation: committed tokens ``x_0 .. x_{n-1}`` (``x_{n-1}`` is the root of this s
 target features ``f_i`` at each committed position but the root (``f_{n-2}`` produced the root).
 A head at tree depth ``d`` proposes the ``d``-th draft token, ``x_{n-1+d}``.
 
-Drafting protocol (what ``specplug.drafters.heads`` drives):
+Drafting protocol (what ``specplug.drafters.trained_heads`` drives):
 - ``new_row()`` -> a per-request row cache;
 - ``commit(row, feats [m, F], tokens [m])``: positions whose feature and next token are both
   known (every committed token but the root);

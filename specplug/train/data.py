@@ -1,6 +1,6 @@
 """Training data by self-distillation: the target writes the responses the heads learn from.
 
-1. prompts: the shipped Self-Instruct seed tasks (``data/seed_tasks.jsonl``, Apache-2.0), plus
+1. prompts: the shipped Self-Instruct seed tasks (``seed_prompts/seed_tasks.jsonl``, Apache-2.0), plus
    new instructions the target writes from few-shot lists of them (self-instruct style), plus
    any text the user passes (one prompt per line, or JSONL with ``instruction``/``prompt``/
    ``text``/``turns``);
@@ -23,7 +23,7 @@ import torch
 __all__ = ["SEED_TASKS", "Sequence", "load_prompts", "expand_prompts", "generate_responses",
            "extract_features", "load_image_prompts", "image_prompt_text", "multimodal_examples"]
 
-SEED_TASKS = Path(__file__).resolve().parent / "data" / "seed_tasks.jsonl"
+SEED_TASKS = Path(__file__).resolve().parent / "seed_prompts" / "seed_tasks.jsonl"
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Verification: which drafted nodes the target accepts, and the bonus token after them.
+"""The acceptance rules (``SpecConfig.acceptance_method``): which drafted nodes the target
+accepts, and the bonus token after them.
 
 Three verifiers, all batched with ragged acceptance per row:
 

@@ -1,15 +1,10 @@
-"""Hugging Face Transformers adapter (``specplug.hf``).
+"""Hugging Face route 2: specplug's own engine under transformers' calling convention.
 
-Two routes, both token-identical to the model's own greedy ``generate`` (and exact under
-sampling):
-
-* ``model.generate(**inputs, assistant_model=specplug.hf.assistant(model, method="ngram"))``
-  runs a specplug chain drafter inside transformers' own assisted-decoding loop (batch 1,
-  chains): ``adapters/hf_assisted.py``, re-exported here.
-* ``specplug.hf.generate(model, **inputs, spec=...)`` (or ``model.generate(**inputs,
-  custom_generate=specplug.hf.custom_generate(method=...))``) runs specplug's own engine: token
-  trees, batches with padding, drafters that need the target's hidden states. This module,
-  with the translation of transformers' generation options both routes share.
+``specplug.hf.generate(model, **inputs, spec=...)`` (or ``model.generate(**inputs,
+custom_generate=specplug.hf.custom_generate(method=...))``) runs ``speculative_generate``:
+token trees, batches with padding, drafters that need the target's hidden states. Output is
+token-identical to the model's own greedy ``generate`` and exact under sampling. Route 1
+(``assistant_model=``) is ``adapters/hf_assisted.py``; both are public as ``specplug.hf``.
 """
 
 from __future__ import annotations
@@ -20,65 +15,18 @@ from typing import Any
 
 import torch
 
-from specplug.adapters.hf_assisted import ASSISTED, SUPPORTED, Assistant, assistant, install
+from specplug.adapters.hf_options import WARPERS, eos_ids, sampling_from
 from specplug.config import SpecConfig, build_spec, spec_option_names
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
 from specplug.multimodal import split_model_inputs
 from specplug.sampling import SamplingParams
 
-__all__ = ["ASSISTED", "SUPPORTED", "Assistant", "assistant", "custom_generate", "generate",
-           "install"]
-
-# Logits processors whose effect specplug's engine reproduces exactly; anything else in a
-# generation config makes ``generate`` refuse rather than silently change the output.
-_WARPERS = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"}
-_UNSUPPORTED_FIELDS = {
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "min_p": None, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "sequence_bias": None, "guidance_scale": None, "renormalize_logits": False,
-    "exponential_decay_length_penalty": None, "num_beams": 1, "num_return_sequences": 1,
-}
-
+__all__ = ["custom_generate", "generate"]
 
 # generate() arguments that change what is returned or who drives the loop
 _NOT_RETURNED = ("return_dict_in_generate", "output_scores", "output_logits",
                  "output_attentions", "output_hidden_states", "streamer", "logits_processor",
                  "stopping_criteria")
-
-
-def _sampling_from(gc: Any, check: bool = True) -> SamplingParams:
-    """Sampling parameters from a ``GenerationConfig``; with ``check``, refuse what the engine
-    cannot reproduce (so outputs never silently differ from ``generate``)."""
-    for name, neutral in _UNSUPPORTED_FIELDS.items():
-        value = getattr(gc, name, None) if check else None
-        if value is not None and value != neutral:
-            if name in ("num_beams", "num_return_sequences"):
-                raise NotImplementedError(f"{name}={value!r}: speculative decoding generates "
-                                          "one sequence per prompt without beam search")
-            raise NotImplementedError(
-                f"generation option {name}={value!r} is not supported by specplug's engine "
-                "(it would change which token the target picks); remove it, or use the "
-                "assistant_model route, where transformers applies its own processors"
-            )
-    if not gc.do_sample:
-        return SamplingParams()
-    return SamplingParams(temperature=1.0 if gc.temperature is None else float(gc.temperature),
-                          top_k=int(gc.top_k or 0),
-                          top_p=1.0 if gc.top_p is None else float(gc.top_p))
-
-
-def _eos_ids(gc: Any) -> list[int]:
-    eos = gc.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-# --------------------------------------------------------------------------------------------
-# Route 2: specplug's own engine
-# --------------------------------------------------------------------------------------------
 
 
 def _stop_fn(prompt_lists: list[list[int]], criteria: Any
@@ -156,7 +104,7 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
                         f"options of SpecConfig / drafter {config.method!r}")
     if gc.max_new_tokens is None:
         raise ValueError("pass max_new_tokens (specplug does not guess a length)")
-    sampling = _sampling_from(gc)
+    sampling = sampling_from(gc)
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
     criteria = None
@@ -166,9 +114,9 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
         from transformers.generation.stopping_criteria import StopStringCriteria
 
         criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
-    pad = gc.pad_token_id if gc.pad_token_id is not None else (_eos_ids(gc) or [0])[0]
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids(gc) or [0])[0]
     seqs, stats = _run(model, input_ids, attention_mask, config, sampling, gc.max_new_tokens,
-                       _eos_ids(gc), pad, criteria, generator, speculator, model_inputs)
+                       eos_ids(gc), pad, criteria, generator, speculator, model_inputs)
     return (seqs, stats) if return_stats else seqs
 
 
@@ -183,13 +131,13 @@ def custom_generate(spec: SpecConfig | dict | str | None = None, **options: Any
                   stopping_criteria: Any = None, generation_config: Any = None,
                   **model_kwargs: Any) -> torch.Tensor:
         for proc in logits_processor or []:
-            if type(proc).__name__ not in _WARPERS:
+            if type(proc).__name__ not in WARPERS:
                 raise NotImplementedError(
                     f"{type(proc).__name__} is not supported by specplug's engine; remove the "
                     "generation option that adds it")
-        sampling = _sampling_from(generation_config)
+        sampling = sampling_from(generation_config)
         max_new = generation_config.max_length - input_ids.shape[1]
-        eos = _eos_ids(generation_config)
+        eos = eos_ids(generation_config)
         pad = generation_config.pad_token_id
         pad = pad if pad is not None else (eos or [0])[0]
         attention_mask = model_kwargs.pop("attention_mask", None)
