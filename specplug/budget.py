@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 
 from specplug.cost import BatchedCost, CostModel
 
-__all__ = ["AcceptanceCalibration", "best_depth", "best_tree_size", "worth_extending"]
+__all__ = ["AcceptanceCalibration", "RequestCorrection", "best_depth", "best_tree_size",
+           "expected_accepted", "worth_extending"]
 
 class AcceptanceCalibration:
     """How often a draft node believed accepted with probability ``p`` (its path probability
@@ -55,6 +56,58 @@ class AcceptanceCalibration:
         b = self._bin(p)
         ratio = (self.accepted[b] + self.prior) / (self.predicted[b] + self.prior)
         return min(1.0, p * ratio)
+
+
+class RequestCorrection:
+    """Per row of the current requests: how this request's drafts fare against what the
+    drafter's estimate predicted, as a factor on that estimate.
+
+    The estimates behind a budget (ngram's per-kind rates, the tree builder's calibrated
+    beliefs) are learned across requests. One request can differ: an answer that does not copy
+    its prompt rejects match after match of kinds that usually pay. Per row, the factor is
+    ``(accepted + prior) / (predicted + prior)`` over the request's verified drafts: 1 until
+    evidence arrives, then what this request accepts per token the estimate expected. After
+    two drafts expected to gain 1.5 tokens each and both rejected it is 0.4, and a CPU's cost
+    curve then pays for little or no draft. While a row drafts nothing, its counts decay by ``decay`` per
+    step, so the factor drifts back toward 1 and the row retries: text that starts copying its
+    input halfway through is drafted again.
+    """
+
+    def __init__(self, prior: float = 2.0, decay: float = 0.95):
+        self.prior, self.decay = prior, decay
+        self.accepted: list[float] = []
+        self.predicted: list[float] = []
+
+    def start(self, rows: int) -> None:
+        """New requests: every row's factor back to 1."""
+        self.accepted, self.predicted = [0.0] * rows, [0.0] * rows
+
+    def factor(self, row: int) -> float:
+        if row >= len(self.accepted):
+            return 1.0
+        return (self.accepted[row] + self.prior) / (self.predicted[row] + self.prior)
+
+    def observe(self, row: int, accepted: float, predicted: float) -> None:
+        """A verified draft of ``row``: ``accepted`` tokens, against ``predicted`` expected."""
+        if row < len(self.accepted):
+            self.accepted[row] += accepted
+            self.predicted[row] += predicted
+
+    def idle(self, row: int) -> None:
+        """``row`` drafted nothing this step."""
+        if row < len(self.accepted):
+            self.accepted[row] *= self.decay
+            self.predicted[row] *= self.decay
+
+
+def expected_accepted(accept_rate: float, depth: int) -> float:
+    """Expected accepted tokens of a chain of ``depth`` tokens, each accepted with probability
+    ``accept_rate`` given the previous ones were: ``a + a^2 + ... + a^depth``."""
+    total, term = 0.0, 1.0
+    for _ in range(depth):
+        term *= accept_rate
+        total += term
+    return total
 
 
 def worth_extending(expected: float, path_p: float, depth: int, cost: CostModel) -> bool:

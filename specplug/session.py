@@ -84,6 +84,7 @@ class DraftSession:
         """A new batch of requests: ``prompts`` per row, every token the drafter may read as
         context (the route's root, the last committed token, may be left off)."""
         self.drafter.start([list(p) for p in prompts])
+        self.builder.start(len(prompts))
         for observer in self.observers:
             observer.start([list(p) for p in prompts])
         self.steps = 0
@@ -139,8 +140,14 @@ class DraftSession:
                 observers (None where the route has none to give).
             accepted_nodes: ``[B, A]`` int64, the accepted nodes' indices in this step's
                 tree (routes that verify trees themselves), for the tree builder's
-                confidence calibration; with ``num_accepted`` ``[B]`` int64.
+                confidence calibration; with ``num_accepted`` ``[B]`` int64. On chain
+                routes they are derived from ``outcome.accepted``.
         """
+        if accepted_nodes is None and not self.route.trees:
+            # a chain's accepted nodes are its first ones: chain routes learn as the engine does
+            num_accepted = torch.tensor([len(a) for a in outcome.accepted], dtype=torch.long)
+            width = int(num_accepted.max()) if len(num_accepted) else 0
+            accepted_nodes = torch.arange(width).expand(len(num_accepted), width)
         if accepted_nodes is not None and num_accepted is not None:
             self.builder.learn(accepted_nodes.cpu(), num_accepted.cpu())
         self.drafter.observe(outcome)

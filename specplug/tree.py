@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-from specplug.budget import AcceptanceCalibration, best_tree_size, worth_extending
+from specplug.budget import (
+    AcceptanceCalibration,
+    RequestCorrection,
+    best_tree_size,
+    worth_extending,
+)
 from specplug.cost import CostModel
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem
 from specplug.types import DraftTree, TreeLayout
@@ -96,6 +101,18 @@ class TreeBuilder(ABC):
     def __init__(self) -> None:
         #: belief -> observed acceptance, learned across this builder's steps (adaptive)
         self.calibration = AcceptanceCalibration()
+        #: per row of the current requests: their acceptance against the calibrated beliefs
+        self.correction = RequestCorrection()
+
+    def start(self, rows: int) -> None:
+        """New requests in ``rows`` rows: forget what the last ones accepted per row."""
+        self.correction.start(rows)
+
+    def accept_p(self, row: int, belief: float) -> float:
+        """What the budget rules take as the acceptance probability of a node of ``row``
+        that the drafter believes in with ``belief``: calibrated across requests, then
+        corrected by what this request has accepted."""
+        return min(1.0, self.calibration(belief) * self.correction.factor(row))
 
     def build(
         self,
@@ -129,6 +146,10 @@ class TreeBuilder(ABC):
             return
         for b, row in enumerate(self.beliefs):
             hit = set(accepted_nodes[b, :int(num_accepted[b])].tolist())
+            if row:  # what the calibrated beliefs predicted: E[accepted] = sum of P(accepted)
+                self.correction.observe(b, len(hit), sum(self.calibration(p) for p in row))
+            else:
+                self.correction.idle(b)
             for i, p in enumerate(row):
                 self.calibration.observe(p, i in hit)
 
@@ -155,7 +176,7 @@ class TreeBuilder(ABC):
     def _finish(self, nodes: list[list[TreeNode]]) -> None:  # noqa: B027 - optional hook
         """Last pass over the built rows (default: none)."""
 
-    def _within_budget(self, row: list[TreeNode], tip: Tip, picks: list[Choice]
+    def _within_budget(self, b: int, row: list[TreeNode], tip: Tip, picks: list[Choice]
                        ) -> list[Choice]:
         """The children of ``tip`` worth adding (default: all the builder asked for)."""
         return picks
@@ -202,7 +223,7 @@ class TreeBuilder(ABC):
                 picks = chosen.get((b, j))
                 picks = picks[: self._fanout(tip)] if picks is not None else \
                     _ranked_children(cand, self._fanout(tip))
-                picks = self._within_budget(nodes[b], tip, picks)
+                picks = self._within_budget(b, nodes[b], tip, picks)
                 prev = None
                 for rank, choice in enumerate(picks):
                     prev = self._add(nodes[b], tip.index, depth, choice, prev)
@@ -234,16 +255,15 @@ class ChainBuilder(TreeBuilder):
     def _fanout(self, tip: Tip) -> int:
         return 1
 
-    def _within_budget(self, row, tip, picks):
+    def _within_budget(self, b, row, tip, picks):
         # SpecDec++-style stop: the next token must raise expected tokens per step time.
         if self.cost is None or not picks:
             return picks
         # Under sampling the decision may depend on the tokens drawn so far (a stopping time)
         # but never on the token it decides about: it uses that position's top probability
         # (the rank weight), not the drawn token's, which would bias the output.
-        cal = self.calibration
-        expected = 1.0 + sum(cal(n.value) for n in row)  # a chain: every node is on the path
-        path_p = cal((row[tip.index].value if tip.index >= 0 else 1.0) * picks[0][2])
+        expected = 1.0 + sum(self.accept_p(b, n.value) for n in row)  # a chain: all on the path
+        path_p = self.accept_p(b, (row[tip.index].value if tip.index >= 0 else 1.0) * picks[0][2])
         return picks if worth_extending(expected, path_p, len(row), self.cost) else []
 
     def _belief(self, node: TreeNode) -> float:
@@ -342,7 +362,7 @@ class DynamicTreeBuilder(TreeBuilder):
                 # in pruning order; whether a node is kept depends only on the nodes ranked
                 # before it, never on its descendants (whose scores carry its drawn token)
                 scores = sorted((n.score for n in row), reverse=True)
-                keep = best_tree_size([self.calibration(p) for p in scores], scoring,
+                keep = best_tree_size([self.accept_p(b, p) for p in scores], scoring,
                                       self.budget)
             if len(row) > keep:
                 nodes[b] = _prune(row, keep)

@@ -99,8 +99,8 @@ def _draft_depth(drafter, ctx):
 
 @pytest.mark.parametrize("accepts, expect", [(False, "none"), (True, "deep")])
 def test_adaptive_ngram_learns_from_outcomes(accepts, expect):
-    """Always-rejected drafts make ngram stop drafting; always-accepted ones make it draft the
-    full depth (on a steep CPU-like cost curve)."""
+    """Always-rejected drafts make ngram stop drafting (but for rare one-token probes);
+    always-accepted ones make it draft the full depth (on a steep CPU-like cost curve)."""
     drafter = NgramDrafter(max_depth=8)
     tokens = [[5, 6, 7, 8, 9] * 6]
     drafter.start(tokens)
@@ -117,8 +117,8 @@ def test_adaptive_ngram_learns_from_outcomes(accepts, expect):
     late = depths[10:]
     if expect == "deep":
         assert late == [8] * 30
-    else:
-        assert late == [0] * 30
+    else:  # nothing but a one-token probe every 20 steps or so (a request may start copying)
+        assert max(late) <= 1 and sum(late) <= 2
 
 
 def test_adaptive_ngram_retries_after_a_bad_start():

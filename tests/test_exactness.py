@@ -214,7 +214,7 @@ def test_planted_bias_chain_stop_on_the_drawn_token_is_detected(monkeypatch):
     probability) biases sampled output; the test above must catch it."""
     from specplug.budget import worth_extending
 
-    def biased(self, row, tip, picks):
+    def biased(self, b, row, tip, picks):
         if self.cost is None or not picks:
             return picks
         expected = 1.0 + sum(n.value for n in row)

@@ -8,12 +8,16 @@ follows the occurrence whose preceding context matches the current one longest (
 occurrence one period back predicts what follows ``x``), then the continuation most occurrences
 agree on, then the most recent; a tree proposes the competing continuations as branches.
 
-With ``SpecConfig.adaptive`` (the default) the draft length is chosen each step: the drafter keeps the
-acceptance rate of its drafts for each kind of match (context length, agreeing occurrences;
-this request's counts shrunk toward the lifetime estimate) and drafts the length that maximises expected tokens per unit of
-target time under the engine's measured cost curve (``specplug.cost``). On a CPU where scoring
-more tokens is expensive, weak matches get short drafts or none; where scoring is nearly free
-(a GPU), the same rule drafts up to ``num_speculative_tokens``.
+With ``SpecConfig.adaptive`` (the default) the draft length is chosen each step: the drafter
+keeps the acceptance rate of its drafts for each kind of match (context length, agreeing
+occurrences) over its lifetime, corrects it per row by what this request accepted against what
+that estimate predicted (``specplug.budget.RequestCorrection``: a request whose drafts keep
+missing stops drafting within a few steps), shrinks the row's own counts for the kind toward
+that, and drafts the
+length that maximises expected tokens per unit of target time under the engine's measured
+cost curve (``specplug.cost``). On a CPU where scoring more tokens is expensive, weak matches
+get short drafts or none; where scoring is nearly free (a GPU), the same rule drafts up to
+``num_speculative_tokens``.
 
 With ``suffix_cache_tokens > 0`` the drafter also remembers earlier requests
 (``specplug.drafters.suffix_cache``): when a row's own text has no match, or only a shorter
@@ -27,7 +31,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from specplug.budget import best_depth
+from specplug.budget import RequestCorrection, best_depth, expected_accepted
 from specplug.drafters.base import (
     EMPTY,
     Candidates,
@@ -170,34 +174,42 @@ class _Acceptance:
     """Acceptance of past drafts, by match kind: ``(context-length class, agreeing
     occurrences)``, the latter plus ``CACHE_KIND`` for matches from the suffix cache.
 
-    The rate for a kind is this request's counts shrunk toward the drafter's lifetime estimate
-    (itself under a Beta(1, 1) prior). When a kind is matched but not drafted, its request
-    counts decay toward that estimate, so a request that stopped drafting retries later
-    (text that starts repeating itself must not stay undrafted).
+    Three levels, each shrunk toward the one above: the drafter's lifetime estimate per kind
+    (under a Beta(1, 1) prior); that times the row's ``RequestCorrection`` factor (how this
+    request's drafts of every kind fared against their lifetime estimates, so a kind the
+    request has not drafted yet starts from what the request did with the others); and the
+    row's own counts for the kind in this request. When a kind is matched but not drafted, its
+    request counts decay, so a request that stopped drafting retries later (text that starts
+    repeating itself must not stay undrafted).
     """
 
-    REQUEST_WEIGHT = 4.0  # pseudo-observations the lifetime estimate is worth in a request
-    IDLE_DECAY = 0.8  # request counts kept per step a matched kind is not drafted
+    REQUEST_WEIGHT = 4.0  # pseudo-observations the estimate above is worth in a request
+    IDLE_DECAY = 0.9  # request counts kept per step a matched kind is not drafted
 
     def __init__(self) -> None:
         self.lifetime: dict[tuple[int, int], list[float]] = {}
-        self.request: dict[tuple[int, int], list[float]] = {}
+        self.request: dict[tuple[int, tuple[int, int]], list[float]] = {}  # (row, kind)
 
-    def rate(self, kind: tuple[int, int]) -> float:
+    def prior(self, kind: tuple[int, int]) -> float:
+        """The lifetime estimate for ``kind``."""
         gs, gf = self.lifetime.get(kind, (0.0, 0.0))
-        prior = (gs + 1.0) / (gs + gf + 2.0)
-        rs, rf = self.request.get(kind, (0.0, 0.0))
-        return (rs + self.REQUEST_WEIGHT * prior) / (rs + rf + self.REQUEST_WEIGHT)
+        return (gs + 1.0) / (gs + gf + 2.0)
 
-    def update(self, kind: tuple[int, int], accepted: int, drafted: int) -> None:
+    def rate(self, row: int, kind: tuple[int, int], factor: float = 1.0) -> float:
+        """Row ``row``'s estimate for ``kind``, its request correction being ``factor``."""
+        above = min(0.99, self.prior(kind) * factor)
+        rs, rf = self.request.get((row, kind), (0.0, 0.0))
+        return (rs + self.REQUEST_WEIGHT * above) / (rs + rf + self.REQUEST_WEIGHT)
+
+    def update(self, row: int, kind: tuple[int, int], accepted: int, drafted: int) -> None:
         failed = 1.0 if accepted < drafted else 0.0
-        for table in (self.lifetime, self.request):
-            s, f = table.setdefault(kind, [0.0, 0.0])
-            table[kind] = [s + accepted, f + failed]
+        for table, key in ((self.lifetime, kind), (self.request, (row, kind))):
+            s, f = table.setdefault(key, [0.0, 0.0])
+            table[key] = [s + accepted, f + failed]
 
-    def idle(self, kind: tuple[int, int]) -> None:
-        if kind in self.request:
-            self.request[kind] = [c * self.IDLE_DECAY for c in self.request[kind]]
+    def idle(self, row: int, kind: tuple[int, int]) -> None:
+        if (row, kind) in self.request:
+            self.request[row, kind] = [c * self.IDLE_DECAY for c in self.request[row, kind]]
 
 
 class NgramDrafter(Drafter):
@@ -218,6 +230,9 @@ class NgramDrafter(Drafter):
         self.rows: list[_RowIndex] = []
         self.acceptance = _Acceptance()
         self.drafted: list[tuple[tuple[int, int], int]] = []  # per row: (match kind, depth)
+        #: per row of the current requests: their drafts' acceptance against the estimate
+        self.correction = RequestCorrection()
+        self.predicted: list[float] = []  # per row: accepted tokens the last draft expected
         o = self.options
         self.cache = (SuffixCache(o.suffix_cache_tokens, o.prompt_lookup_min, o.prompt_lookup_max)
                       if o.suffix_cache_tokens else None)
@@ -242,14 +257,15 @@ class NgramDrafter(Drafter):
         self.rows = [_RowIndex(o.prompt_lookup_min, o.prompt_lookup_max, self.media_tokens)
                      for _ in prompts]
         self.acceptance.request = {}
+        self.correction.start(len(prompts))
 
     def begin(self, ctx: DraftContext) -> list[Any]:
         if len(self.rows) != len(ctx.tokens):
             self.start(ctx.tokens)
         roots: list[Any] = []
-        self.drafted = []
-        for row, toks, active in zip(self.rows, ctx.tokens, ctx.active):
-            trie, kind, depth = _Trie(), (0, 0), 0
+        self.drafted, self.predicted = [], []
+        for b, (row, toks, active) in enumerate(zip(self.rows, ctx.tokens, ctx.active)):
+            trie, kind, depth, base = _Trie(), (0, 0), 0, 0.0
             if active:
                 row.extend(toks)
                 limit = self.max_depth
@@ -262,15 +278,20 @@ class NgramDrafter(Drafter):
                     agree = sum(1 for _, _, cont in ranked if cont[0] == first)
                     kind = (_context_bucket(ranked[0][0]), min(agree, 3) + offset)
                     if ctx.adaptive:
-                        limit = best_depth(self.acceptance.rate(kind), limit, ctx.cost)
+                        base = self.acceptance.prior(kind)
+                        rate = self.acceptance.rate(b, kind, self.correction.factor(b))
+                        limit = best_depth(rate, limit, ctx.cost)
                         if limit == 0:
-                            self.acceptance.idle(kind)
+                            self.acceptance.idle(b, kind)
+                            self.correction.idle(b)
                     for rank, (context, _, cont) in enumerate(ranked):
                         cont = cont[:limit]
                         depth = max(depth, len(cont))
                         trie.insert(cont, context, rank)
             roots.append(trie)
             self.drafted.append((kind, depth))
+            # what the lifetime estimate predicted, for this request's correction
+            self.predicted.append(expected_accepted(base, depth))
         return roots
 
     def _matches(self, row: _RowIndex, toks: list[int]) -> tuple[list[tuple[int, list[int]]], int]:
@@ -290,9 +311,11 @@ class NgramDrafter(Drafter):
     def observe(self, outcome: StepOutcome) -> None:
         if self.cache is not None:
             self.history = list(outcome.tokens)
-        for (kind, depth), accepted in zip(self.drafted, outcome.accepted):
+        for b, ((kind, depth), accepted) in enumerate(zip(self.drafted, outcome.accepted)):
             if depth:
-                self.acceptance.update(kind, len(accepted), depth)
+                self.acceptance.update(b, kind, len(accepted), depth)
+                if self.predicted[b]:
+                    self.correction.observe(b, len(accepted), self.predicted[b])
 
     def expand(self, frontier: list[list[FrontierItem]], k: int) -> list[list[Candidates]]:
         return [[item.handle.candidates(k) for item in row] for row in frontier]
