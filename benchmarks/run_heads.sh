@@ -5,7 +5,7 @@
 # by scripts/train_heads.sh: EXTRA="medusa:checkpoint=heads-work/smollm2-135m-medusa".
 set -euo pipefail
 # the eight short-answer categories (long_generation is docs/adaptive.md's, 2,048 tokens)
-CATEGORIES="code_editing long_form_writing math_reasoning multi_turn qa rag summarization translation"
+CATEGORIES="code_editing long_form_writing math_reasoning multi_turn no_copy qa rag summarization translation"
 cd "$(dirname "$0")/.."
 LIMIT=${LIMIT-3}
 MODELS=${MODELS:-"smollm2-135m gemma3-270m"}

@@ -5,7 +5,7 @@
 # Batch 1 runs interleaved with transformers' greedy baseline; then 8 concurrent requests.
 set -euo pipefail
 # the eight short-answer categories (long_generation is docs/adaptive.md's, 2,048 tokens)
-CATEGORIES="code_editing long_form_writing math_reasoning multi_turn qa rag summarization translation"
+CATEGORIES="code_editing long_form_writing math_reasoning multi_turn no_copy qa rag summarization translation"
 cd "$(dirname "$0")/.."
 if [ -z "${SPECPLUG_VLLM_PYTHON:-}" ] && [ -x .venv-vllm/bin/python ]; then
   export SPECPLUG_VLLM_PYTHON=$PWD/.venv-vllm/bin/python

@@ -9,10 +9,10 @@ import pytest
 import torch
 from tiny_models import WORDS, tiny_llama, tiny_tokenizer
 
-from specplug.bench.harness import BASELINE, aggregate, run_benchmark
+from specplug.bench.harness import BASELINE, Row, aggregate, run_benchmark
 from specplug.bench.methods import Method, MethodRun, parse_method
 from specplug.bench.prompts import load_questions
-from specplug.bench.report import replot, write_results
+from specplug.bench.report import markdown_table, replot, write_results
 from specplug.cli import main
 
 
@@ -224,3 +224,28 @@ def test_engine_methods_checked_against_their_own_reference(prompt_file, tmp_pat
                   rows, agg, plots=False, concurrent=conc)
     table = (tmp_path / "out" / "results.md").read_text()
     assert "2 concurrent requests" in table and "**4 MISMATCH**" in table
+
+
+def _row(qid, method, secs, tokens=100, cat="qa"):
+    return Row(question_id=qid, category=cat, turn=1, method=method, prompt_tokens=10,
+               new_tokens=tokens, times_s=list(secs), target_forwards=tokens,
+               accepted_per_step=[0] * tokens, identical=None if method == BASELINE else True)
+
+
+def test_per_turn_figures_resist_one_disturbed_timing():
+    """Nine turns at 1.0x and one whose baseline timing was disturbed (10x slow): the
+    token-weighted speedup is inflated, the median, geometric mean and worst turn are not,
+    and the disturbed turn is flagged by the spread of its repeats."""
+    rows = []
+    for q in range(10):
+        base = [10.0, 10.0, 100.0] if q == 3 else [1.0, 1.0, 1.0]  # median 10 s for q 3
+        rows += [_row(q, BASELINE, base), _row(q, "m", [1.0, 1.0, 1.0] if q != 7 else [2.0] * 3)]
+    o = aggregate(rows)["m"]["overall"]
+    assert o["speedup"] > 1.6  # token-weighted: the one slow baseline turn dominates
+    assert o["median_prompt_speedup"] == pytest.approx(1.0)
+    assert 0.9 < o["geomean_prompt_speedup"] < 1.3
+    assert o["worst_prompt_speedup"] == pytest.approx(0.5) and o["worst_prompt"] == "7/1"
+    assert o["prompts_below_0.95"] == 1
+    assert o["noisy_repeats"] == ["3/1"]
+    table = markdown_table(aggregate(rows), "t")
+    assert "0.50x (7/1)" in table and "1 of 10" in table

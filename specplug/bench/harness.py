@@ -196,11 +196,31 @@ def run_concurrent(tokenizer: Any, questions: Sequence[Question], methods: Seque
             "methods": stats}
 
 
+#: a turn is "slower" below this speedup; repeats "disagree" when their spread exceeds this
+SLOW_TURN, REPEAT_SPREAD = 0.95, 0.20
+
+
+def _spread(times: list[float]) -> float:
+    """(slowest - fastest) / median of one turn's repeats; 0 for a single timing."""
+    med = statistics.median(times) if times else 0.0
+    return (max(times) - min(times)) / med if len(times) > 1 and med > 0 else 0.0
+
+
 def _summary(rows: list[Row], base: list[Row]) -> dict[str, Any]:
+    """Token-weighted figures (``speedup``: total tokens over total time, what the tables
+    print) beside per-turn ones that one disturbed timing cannot move much: the median and
+    geometric mean of per-turn speedups, the worst turn, the number of turns below
+    ``SLOW_TURN``, and the turns whose repeats (of this method or the baseline) spread by more
+    than ``REPEAT_SPREAD``."""
     tok, sec = sum(r.new_tokens for r in rows), sum(r.wall_s for r in rows)
     btok, bsec = sum(r.new_tokens for r in base), sum(r.wall_s for r in base)
-    per_prompt = [(r.new_tokens / r.wall_s) / (b.new_tokens / b.wall_s)
-                  for r, b in zip(rows, base) if r.wall_s > 0 and b.wall_s > 0 and b.new_tokens]
+    pairs = [(r, (r.new_tokens / r.wall_s) / (b.new_tokens / b.wall_s))
+             for r, b in zip(rows, base) if r.wall_s > 0 and b.wall_s > 0 and b.new_tokens
+             and r.new_tokens]
+    per_prompt = [x for _, x in pairs]
+    worst = min(pairs, key=lambda rx: rx[1], default=None)
+    noisy = [f"{r.question_id}/{r.turn}" for r, b in zip(rows, base)
+             if max(_spread(r.times_s), _spread(b.times_s)) > REPEAT_SPREAD]
     fwd = sum(r.target_forwards for r in rows)
     steps = sum(len(r.accepted_per_step) for r in rows)
     accepted = sum(sum(r.accepted_per_step) for r in rows)
@@ -210,6 +230,11 @@ def _summary(rows: list[Row], base: list[Row]) -> dict[str, Any]:
         "tokens_per_s": tok / sec if sec else 0.0,
         "speedup": (tok / sec) / (btok / bsec) if sec and bsec and btok else 0.0,
         "median_prompt_speedup": statistics.median(per_prompt) if per_prompt else 0.0,
+        "geomean_prompt_speedup": statistics.geometric_mean(per_prompt) if per_prompt else 0.0,
+        "worst_prompt_speedup": worst[1] if worst else 0.0,
+        "worst_prompt": f"{worst[0].question_id}/{worst[0].turn}" if worst else None,
+        "prompts_below_0.95": sum(1 for x in per_prompt if x < SLOW_TURN),
+        "noisy_repeats": noisy,
         # tokens emitted per verification step (accepted drafts + the bonus token), as
         # GenerationStats defines it; 1.0 for plain decoding
         "mean_accepted_tokens": (accepted + steps) / steps if steps else 1.0,

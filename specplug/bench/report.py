@@ -54,6 +54,18 @@ def markdown_table(aggregates: dict[str, Any], title: str) -> str:
         ref = f" (vs `{a['reference']}`)" if a.get("reference") else ""
         lines.append(f"| `{m}` | " + " | ".join(cells) +
                      f" | **{o['speedup']:.2f}x** / {o['mean_accepted_tokens']:.2f} | {flag}{ref} |")
+    lines += ["", "Per turn (each turn's speedup, so that one disturbed timing cannot move the "
+              "figure much; the cells above and the plots are token-weighted):", "",
+              "| method | median | geometric mean | worst turn | turns below 0.95x | "
+              "turns whose repeats spread > 20% |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        o = aggregates[m]["overall"]
+        noisy = o.get("noisy_repeats", [])
+        lines.append(f"| `{m}` | {o['median_prompt_speedup']:.2f}x | "
+                     f"{o.get('geomean_prompt_speedup', 0.0):.2f}x | "
+                     f"{o.get('worst_prompt_speedup', 0.0):.2f}x ({o.get('worst_prompt')}) | "
+                     f"{o.get('prompts_below_0.95', 0)} of {o['turns']} | "
+                     f"{len(noisy)}{': ' + ', '.join(noisy[:8]) if noisy else ''} |")
     engines = {m: a for m, a in aggregates.items() if a.get("reference")}
     if engines:
         lines += ["", "Engines against their own plain run (batch 1, the same turns): "
