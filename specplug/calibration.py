@@ -18,7 +18,7 @@ from pathlib import Path
 from specplug.cost import CostModel
 from specplug.paths import cache_root
 
-__all__ = ["CALIBRATION_WIDTHS", "cached_calibration", "calibrate"]
+__all__ = ["CALIBRATION_WIDTHS", "cached_calibration", "calibrate", "cost_cache_dir"]
 
 #: scored-token counts timed by ``calibrate`` (chains up to 31 deep: ``ngram``'s
 #: default cap of 32 reads one token past them; trees up to 31 nodes)
@@ -41,7 +41,7 @@ def calibrate(score: Callable[[int], float], widths: Sequence[int] = CALIBRATION
     return model
 
 
-def _cache_dir() -> Path:
+def cost_cache_dir() -> Path:
     """``$SPECPLUG_COST_CACHE`` if set, else ``cost/`` under specplug's cache root."""
     explicit = os.environ.get("SPECPLUG_COST_CACHE")
     return Path(explicit).expanduser() if explicit else cache_root() / "cost"
@@ -53,7 +53,7 @@ def cached_calibration(key: dict, measure: Callable[[], CostModel], use_cache: b
     stored. ``use_cache=False`` or ``SPECPLUG_COST_CACHE=0`` measures and stores nothing."""
     use_cache = use_cache and os.environ.get("SPECPLUG_COST_CACHE") != "0"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"{digest}.json"
+    path = cost_cache_dir() / f"{digest}.json"
     if use_cache and path.is_file():
         try:
             return CostModel.from_dict(json.loads(path.read_text())["curve"])

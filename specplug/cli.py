@@ -27,6 +27,28 @@ def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPU, {platform.system()}"
 
 
+def _target_runner(model: Any, speculator: Any) -> Any:
+    from specplug.engine import ModelTargetRunner
+
+    return ModelTargetRunner(model, hidden_layers=speculator.drafter.hidden_layers)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from specplug.calibration import cost_cache_dir
+    from specplug.engine import ModelTargetRunner
+    from specplug.models import encode_prompt, load_model
+
+    model, tokenizer = load_model(args.model)
+    prompt = encode_prompt(tokenizer, "Calibration: how long a forward takes.", chat=False)
+    t0 = time.perf_counter()
+    cost = ModelTargetRunner(model).calibrate_cost(prompt)
+    report = {"model": args.model, "seconds": round(time.perf_counter() - t0, 2),
+              "relative_cost": {n: round(cost.relative(n), 3) for n in sorted(cost.times)},
+              "cache": str(cost_cache_dir()), "machine": _machine()}
+    print(json.dumps(report))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -41,6 +63,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     chat = None if args.chat == "auto" else args.chat == "yes"
     ids = torch.tensor([encode_prompt(tokenizer, args.prompt, chat=chat)])
     speculator = Speculator.from_config(spec, model)
+    # the cost curve an adaptive budget reads: measured (or read from the cache) here, never
+    # inside a timed generation
+    t0 = time.perf_counter()
+    if speculator.adaptive and not speculator.cost.calibrated:
+        speculator.cost = _target_runner(model, speculator).calibrate_cost(ids[0].tolist())
+    calibration_s = time.perf_counter() - t0
     gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     if args.temperature > 0:
         gen.update(do_sample=True, temperature=args.temperature, top_k=args.top_k,
@@ -83,6 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "target_forwards": stats.target_forwards,
         "tokens_per_s": round(len(tokens) / spec_s, 2), "wall_time_s": round(spec_s, 3),
         "temperature": args.temperature, "repeats": args.repeats, "machine": _machine(),
+        "calibration_s": round(calibration_s, 3),  # not in any timing above
     }
     if args.compare:
         base_s = sorted(base_times)[len(base_times) // 2]
@@ -274,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_cmd_bench)
+
+    c = sub.add_parser("calibrate", help="measure the target's cost curve once and cache it "
+                                         "(else the first adaptive generation measures it)")
+    c.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m | gemma3-270m | a local HF folder")
+    c.set_defaults(func=_cmd_calibrate)
 
     x = sub.add_parser("export", help="write a trained eagle head in vLLM's EAGLE-1 layout")
     x.add_argument("--model", default="smollm2-135m",

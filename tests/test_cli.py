@@ -73,3 +73,25 @@ def test_export_writes_a_vllm_eagle_folder(folder, tmp_path, capsys):
     # no head shipped for a tiny folder: a clear error, exit 2
     assert main(["export", "--model", folder, "--out", str(tmp_path / "x")]) == 2
     assert "no shipped 'eagle' head" in capsys.readouterr().err
+
+
+def test_calibrate_caches_the_curve_that_run_then_reads(folder, capsys, tmp_path, monkeypatch):
+    """``specplug calibrate`` measures once and stores the curve; ``specplug run`` then reads
+    it before its timed generation instead of measuring inside it."""
+    monkeypatch.setenv("SPECPLUG_COST_CACHE", str(tmp_path / "cost"))
+    assert main(["calibrate", "--model", folder]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["cache"] == str(tmp_path / "cost") and report["relative_cost"]["1"] == 1.0
+    assert len(list((tmp_path / "cost").glob("*.json"))) == 1
+    from specplug.engine import ModelTargetRunner
+
+    measured = []
+    monkeypatch.setattr(ModelTargetRunner, "score",
+                        lambda self, *a, real=ModelTargetRunner.score: measured.append(1)
+                        or real(self, *a))
+    rc = main(["run", "--model", folder, "--prompt", PROMPT, "--json", "--max-new-tokens", "4"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "calibration_s" in out
+    # the curve came from the cache: the only scoring forwards are the generation's own
+    assert len(measured) == out["target_forwards"] - 1  # its prefill is not a score call
