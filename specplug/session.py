@@ -143,7 +143,7 @@ class DraftSession:
                 confidence calibration; with ``num_accepted`` ``[B]`` int64. On chain
                 routes they are derived from ``outcome.accepted``.
         """
-        if accepted_nodes is None and not self.route.trees:
+        if accepted_nodes is None and not self.route.trees and self.builder.beliefs is not None:
             # a chain's accepted nodes are its first ones: chain routes learn as the engine does
             num_accepted = torch.tensor([len(a) for a in outcome.accepted], dtype=torch.long)
             width = int(num_accepted.max()) if len(num_accepted) else 0
