@@ -82,6 +82,14 @@ class RequestCorrection:
         """New requests: every row's factor back to 1."""
         self.accepted, self.predicted = [0.0] * rows, [0.0] * rows
 
+    def regroup(self, sources: list[int | None]) -> None:
+        """The engine's batch changed: new row ``i`` is old row ``sources[i]`` going on, or a
+        new request (None, factor 1)."""
+        self.accepted = [self.accepted[s] if s is not None and s < len(self.accepted) else 0.0
+                         for s in sources]
+        self.predicted = [self.predicted[s] if s is not None and s < len(self.predicted)
+                          else 0.0 for s in sources]
+
     def factor(self, row: int) -> float:
         if row >= len(self.accepted):
             return 1.0

@@ -8,9 +8,12 @@ drafter calls (``start`` / ``begin`` + ``expand`` / ``observe``) with a ``ChainB
 - While the batch keeps its rows (every row's history is its previous history plus the tokens
   committed for it this step), the drafter ``observe``\\ s what was accepted and goes on, so
   drafters with caches (``draft_model``) only feed the new tokens.
-- When requests join, leave or are reordered, the drafter is restarted on the new rows'
-  histories (a re-prefill for model drafters, a re-index for ``ngram``). Correctness never
-  depends on this: the engine verifies every token; only speed does.
+- When requests join, leave or are reordered, each row is matched to last step's row whose
+  history it extends (no request ids needed, so any engine's reordering is followed) and the
+  drafter is regrouped: rows that go on keep their state (``ngram``'s index and per-request
+  acceptance estimates), new rows start fresh (drafters without ``regroup`` restart every
+  row: a re-prefill for model drafters). Correctness never depends on this: the engine
+  verifies every token; only speed does.
 
 The engine's step time is learned the same way ``speculative_generate`` learns it, from the
 engine's own steps: the wall time from one ``propose`` returning to the next call (the engine's
@@ -78,7 +81,8 @@ class ChainProposer:
         self._rows: list[list[int]] | None = None  # histories the drafter last saw
         self._scored: int | None = None  # tokens the engine scores for our chains, all rows
         self._returned_at = 0.0
-        self.restarts = 0
+        self.restarts = 0  # steps where no row went on: the drafter started afresh
+        self.regroups = 0  # steps where rows joined, left or moved and the rest went on
 
     def propose(self, histories: Sequence[Sequence[int]], committed: Sequence[Sequence[int]],
                 ) -> list[list[int]]:
@@ -103,17 +107,22 @@ class ChainProposer:
             self._rows = self._scored = None
             return [[] for _ in rows]
         now = time.perf_counter()
-        continues = self._continues(rows, done)
-        if continues and self._scored is not None:  # the engine's step: the batch's tokens
-            self.speculator.cost.observe(max(1, self._scored), now - self._returned_at)
-        if continues:
-            self.session.accept(StepOutcome(accepted=[c[:-1] for c in done],
-                                            bonus=[c[-1] if c else None for c in done],
-                                            tokens=rows))
-        else:
+        sources = self._sources(rows, done)
+        if all(s is None for s in sources):
             # a prompt of one token still has a root; the drafter sees the rest as context
             self.session.start([r[:-1] for r in rows])
             self.restarts += 1
+        else:
+            if sources != list(range(len(self._rows or []))):
+                # requests joined, left or moved: rows that go on keep their drafter state
+                self.session.regroup(sources, [r[:-1] for r in rows])
+                self.regroups += 1
+            if self._scored is not None and None not in sources and all(done):
+                # the engine's step scored our chains and nothing else (no new prefill)
+                self.speculator.cost.observe(max(1, self._scored), now - self._returned_at)
+            self.session.accept(StepOutcome(accepted=[c[:-1] for c in done],
+                                            bonus=[c[-1] if c else None for c in done],
+                                            tokens=rows))
         limits = [self._limit(r) if a else 0 for r, a in zip(rows, active)]
         tree, _ = self.session.propose(rows, active, limits, self.vocab_size,
                                        sampling=self.sampling,
@@ -130,14 +139,25 @@ class ChainProposer:
             return self.k
         return max(0, min(self.k, self.max_context - len(row) - 1))
 
-    def _continues(self, rows: list[list[int]], done: list[list[int]]) -> bool:
-        """True when every row is the same request as last step's row at the same index:
-        its history is last step's history plus what was committed for it."""
-        prev = self._rows
-        if prev is None or len(prev) != len(rows):
-            return False
-        for p, r, c in zip(prev, rows, done):
-            if len(r) != len(p) + len(c) or r[len(p):] != c or r[:len(p)] != p:
-                return False
-        return True
-
+    def _sources(self, rows: list[list[int]], done: list[list[int]]) -> list[int | None]:
+        """Per row, the index of last step's row that is the same request going on (its
+        history was that row's history and this step committed ``done`` after it), or None
+        for a request the drafter has not seen. Matching by history needs no request ids, so
+        it holds for any engine, however it reorders its rows."""
+        prev = self._rows or []
+        by_end: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prev):
+            if p:
+                by_end.setdefault((len(p), p[-1]), []).append(i)
+        sources: list[int | None] = []
+        for r, c in zip(rows, done):
+            n = len(r) - len(c)
+            found = None
+            if n > 0 and r[n:] == c:
+                olds = by_end.get((n, r[n - 1]), [])
+                for j, i in enumerate(olds):
+                    if prev[i] == r[:n]:
+                        found = olds.pop(j)
+                        break
+            sources.append(found)
+        return sources

@@ -89,6 +89,15 @@ class DraftSession:
             observer.start([list(p) for p in prompts])
         self.steps = 0
 
+    def regroup(self, sources: list[int | None], prompts: Sequence[Sequence[int]]) -> None:
+        """A serving engine's batch changed between steps: new row ``i`` continues last
+        step's row ``sources[i]``, or is a new request (None) with context ``prompts[i]``.
+        Rows that go on keep what the drafter and tree builder learned of their request."""
+        self.drafter.regroup(list(sources), [list(p) for p in prompts])
+        self.builder.regroup(list(sources))
+        for observer in self.observers:  # per-request observer state is per row: restart it
+            observer.start([list(p) for p in prompts])
+
     def propose(self, tokens: list[list[int]], active: list[bool], limits: list[int],
                 vocab_size: int, *, sampling: SamplingParams,
                 generator: torch.Generator | None = None,

@@ -107,6 +107,14 @@ class TreeBuilder(ABC):
     def start(self, rows: int) -> None:
         """New requests in ``rows`` rows: forget what the last ones accepted per row."""
         self.correction.start(rows)
+        self.beliefs = None
+
+    def regroup(self, sources: list[int | None]) -> None:
+        """The engine's batch changed: new row ``i`` is old row ``sources[i]`` going on (its
+        request correction and its last tree's beliefs move with it) or a new request (None)."""
+        self.correction.regroup(sources)
+        if self.beliefs is not None:
+            self.beliefs = [self.beliefs[s] if s is not None else [] for s in sources]
 
     def accept_p(self, row: int, belief: float) -> float:
         """What the budget rules take as the acceptance probability of a node of ``row``

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
+from tiny_models import cpu_cost_curve, reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug import SpecConfig
 from specplug.budget import best_depth
@@ -15,11 +15,7 @@ from specplug.sampling import SamplingParams
 
 
 def curve(per_token: float) -> CostModel:
-    m = CostModel()
-    for n in (1, 2, 5, 11):
-        for _ in range(3):
-            m.observe(n, 0.047 + per_token * (n - 1))
-    return m
+    return cpu_cost_curve(per_token)
 
 
 def test_one_slow_forward_does_not_make_a_size_look_dear():

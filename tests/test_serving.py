@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
+from tiny_models import cpu_cost_curve, reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug.adapters.vllm import PROPOSER, fixed_cpu_expand, translate_speculative_config
 from specplug.config import SpecConfig
@@ -71,11 +71,78 @@ def test_engine_owned_batches_stay_identical_to_greedy(method):
     got = serve(target, proposer, prompts, max_new=12)
     want = reference_greedy(target, ids, mask, 12)
     assert got == want
-    # 5 requests in 3 slots, reversed every third step: the drafter restarts exactly when the
-    # batch changes (a request joins or leaves, or rows are reordered), and only then
-    assert proposer.restarts == serve.batch_changes >= 3
+    # 5 requests in 3 slots, reversed every third step: the drafter changes its rows exactly
+    # when the batch changes (a request joins or leaves, or rows are reordered), and only
+    # then; it starts afresh only where no row goes on, else it regroups (rows that go on
+    # keep their state)
+    assert proposer.restarts + proposer.regroups == serve.batch_changes
+    assert proposer.regroups >= 3 and proposer.restarts < proposer.regroups
     # the engine's step times were learned between calls of continuing batches
     assert sum(proposer.speculator.cost.counts.values()) > 0
+
+
+def test_rows_are_matched_to_the_request_they_continue():
+    """Reordered, joined and departed rows are told apart by their histories alone."""
+    proposer = ChainProposer(SpecConfig(method="ngram"), vocab_size=96)
+    a, b, c = [1, 2, 3, 4], [5, 6, 7], [8, 9]
+    proposer.propose([a, b, c], [[4], [7], [9]])
+    assert proposer.restarts == 1 and proposer.regroups == 0
+    # c left, b and a swapped and went on (a accepted a draft), d joined
+    d = [10, 11, 12]
+    rows = [b + [2], d, a + [5, 6]]
+    assert proposer._sources(rows, [[2], [12], [5, 6]]) == [1, None, 0]
+    proposer.propose(rows, [[2], [12], [5, 6]])
+    assert proposer.restarts == 1 and proposer.regroups == 1
+    # a row that committed something else is not the same request
+    assert proposer._sources([b + [2, 9]], [[3]]) == [None]
+    # two requests with one history: each old row is matched once
+    proposer.propose([a, a], [[4], [4]])
+    assert proposer._sources([a + [1], a + [2]], [[1], [2]]) == [0, 1]
+
+
+def _scripted(proposer: ChainProposer, history: list[int], loop: list[int], accept: bool,
+              steps: int) -> tuple[list[int], list[int]]:
+    """Run one request alone for ``steps`` steps of a scripted engine that accepts every
+    draft or rejects every draft (its own token always continues ``loop``)."""
+    chain: list[int] = []
+    for _ in range(steps):
+        n = len(chain) + 1 if accept else 1
+        committed = [loop[(len(history) + i) % len(loop)] for i in range(n)]
+        history = history + committed
+        (chain,) = proposer.propose([history], [committed])
+    return history, chain
+
+
+def test_a_failing_request_keeps_drafting_nothing_when_the_batch_changes():
+    """A request whose drafts are all rejected stops drafting; when another request joins
+    (and the rows are reordered) it still drafts nothing, because its per-request estimate
+    moved with it, while the newcomer drafts from what earlier requests taught."""
+    def proposer() -> ChainProposer:
+        p = ChainProposer(SpecConfig(method="ngram", num_speculative_tokens=8), vocab_size=96)
+        p.speculator.cost = cpu_cost_curve()
+        # the scripted engine takes no time: keep the CPU-like curve rather than learn that
+        p.speculator.cost.observe = lambda *args, **kwargs: None
+        return p
+
+    loop = [5, 6, 7, 8, 9]
+    chains = proposer()
+    _, chain = _scripted(chains, loop * 6, loop, accept=True, steps=12)  # an earlier request
+    assert len(chain) == 8
+    # the same kind of match, in a request whose drafts are all rejected: after the first
+    # miss it drafts nothing but a rare one-token probe
+    failing, chain = _scripted(chains, loop * 6, loop, accept=False, steps=8)
+    assert len(chain) <= 1 and chains.restarts == 2
+    newcomer = loop * 6 + [5]
+    nxt = loop[len(failing) % 5]
+    got = chains.propose([newcomer, failing + [nxt]], [[5], [nxt]])
+    assert chains.regroups == 1 and chains.restarts == 2
+    assert len(got[1]) <= 1 and len(got[0]) == 8
+    # what a restart (the proposer before it regrouped) would have done at that step: the
+    # failing request's estimate is gone and it drafts the full chain again
+    chains.session.start([newcomer[:-1], failing])
+    tree, _ = chains.session.propose([newcomer, failing + [nxt]], [True, True], [8, 8], 96,
+                                     sampling=chains.sampling, cost=chains.speculator.cost)
+    assert tree.num_nodes.tolist() == [8, 8]
 
 
 def test_draft_model_drafts_get_accepted_and_steps_continue():

@@ -215,3 +215,15 @@ def reference_vlm_greedy(model, ids, mask, inputs, max_new_tokens):
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=0, **inputs)
     return [out[b, ids.shape[1]:].tolist() for b in range(ids.shape[0])]
+
+
+def cpu_cost_curve(per_token: float = 0.0094):
+    """A cost model as measured on a CPU: 47 ms a step plus ``per_token`` seconds a scored
+    token (0.0094: SmolLM2-135M on 2 cores; 0.0: a GPU-like flat curve)."""
+    from specplug.cost import CostModel
+
+    cost = CostModel()
+    for n in (1, 2, 5, 11):
+        for _ in range(3):
+            cost.observe(n, 0.047 + per_token * (n - 1))
+    return cost

@@ -116,6 +116,14 @@ class Drafter(ABC):
     def start(self, prompts: list[list[int]]) -> None:  # noqa: B027 - optional hook
         """A new generation begins with these (pad-free) prompts. Resets per-request state."""
 
+    def regroup(self, sources: list[int | None], prompts: list[list[int]]) -> None:
+        """A serving engine's batch changed between steps: new row ``i`` is the request that
+        was row ``sources[i]`` going on, or a new request (None) whose context is
+        ``prompts[i]`` (every row's pad-free tokens but the root). Drafters with per-row state
+        worth keeping (ngram's index and per-request estimates) move it; the default
+        restarts every row, which is always correct, only slower to learn."""
+        self.start(prompts)
+
     @abstractmethod
     def begin(self, ctx: DraftContext) -> list[Any]:
         """Start a step; return the root handle of each row (ignored for inactive rows)."""

@@ -259,6 +259,32 @@ class NgramDrafter(Drafter):
         self.acceptance.request = {}
         self.correction.start(len(prompts))
 
+    def regroup(self, sources: list[int | None], prompts: list[list[int]]) -> None:
+        """Rows that go on keep their index, request counts, correction and last draft; new
+        rows start fresh; rows that left are requests that ended (cached, with a cache)."""
+        kept = {s for s in sources if s is not None}
+        if self.cache is not None:
+            for old, seq in enumerate(self.history):
+                if old not in kept and seq:
+                    for text in text_segments(seq, self.media_tokens):
+                        self.cache.add(text)
+            self.history = [self.history[s] if s is not None and s < len(self.history) else p
+                            for s, p in zip(sources, prompts)]
+        o = self.options
+        old_rows = self.rows
+        self.rows = [old_rows[s] if s is not None and s < len(old_rows) else
+                     _RowIndex(o.prompt_lookup_min, o.prompt_lookup_max, self.media_tokens)
+                     for s in sources]
+        where = {s: i for i, s in enumerate(sources) if s is not None}
+        self.acceptance.request = {(where[row], kind): counts for (row, kind), counts
+                                   in self.acceptance.request.items() if row in where}
+        self.correction.regroup(sources)
+        nothing = ((0, 0), 0)
+        self.drafted = [self.drafted[s] if s is not None and s < len(self.drafted) else nothing
+                        for s in sources]
+        self.predicted = [self.predicted[s] if s is not None and s < len(self.predicted)
+                          else 0.0 for s in sources]
+
     def begin(self, ctx: DraftContext) -> list[Any]:
         if len(self.rows) != len(ctx.tokens):
             self.start(ctx.tokens)
