@@ -131,6 +131,34 @@ def test_cli_run_compare_json(name, prompt):
     assert report["new_tokens"] > 0 and report["mean_accepted_tokens"] >= 1.0
 
 
+def readme_demo_prompt() -> str:
+    """The prompt of the README's first command (its ``--prompt "..."``)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = readme.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert "specplug run" in command and '--prompt "' in command
+    return command.split('--prompt "', 1)[1].rsplit('"', 1)[0]
+
+
+def test_readme_demo_answer_reuses_its_input():
+    """The README's demo is a task whose real answer copies its input (so prompt lookup has
+    something to find): most of the answer's words are the prompt's, drafts are accepted, and
+    the output is the model's own greedy output. Its speed is a benchmark's claim, not this
+    test's."""
+    model, tok = smol()
+    prompt = readme_demo_prompt()
+    ids = torch.tensor([encode_prompt(tok, prompt)])
+    want = model.generate(ids, max_new_tokens=128, do_sample=False)
+    got, stats = sh.generate(model, ids, max_new_tokens=128, do_sample=False, method="ngram",
+                             return_stats=True)
+    assert torch.equal(got, want)
+    answer = tok.decode(got[0, ids.shape[1]:], skip_special_tokens=True).split()
+    reused = sum(w in prompt.split() for w in answer) / max(len(answer), 1)
+    assert len(answer) >= 20 and reused > 0.8, (reused, answer)
+    assert stats.mean_accepted_tokens > 2.0
+
+
 SHIPPED_HEADS = [(m, k) for m in ("smollm2-135m", "gemma3-270m") for k in ("eagle", "clover")]
 
 
