@@ -54,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from specplug.adapters.hf_generate import generate
     from specplug.config import SpecConfig
-    from specplug.engine import Speculator
+    from specplug.engine import Speculator, check_context
     from specplug.models import encode_prompt, load_model
 
     spec = SpecConfig.from_cli(args.method, args.num_speculative_tokens, args.tree,
@@ -63,6 +63,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     chat = None if args.chat == "auto" else args.chat == "yes"
     ids = torch.tensor([encode_prompt(tokenizer, args.prompt, chat=chat)])
     speculator = Speculator.from_config(spec, model)
+    # before the warm-up, whose shorter run would otherwise be the one refused
+    check_context(ids.shape[1], args.max_new_tokens, _target_runner(model, speculator).max_context)
     # the cost curve an adaptive budget reads: measured (or read from the cache) here, never
     # inside a timed generation
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ __all__ = [
     "Speculator",
     "StepStats",
     "TargetRunner",
+    "check_context",
     "speculative_generate",
 ]
 
@@ -131,6 +132,20 @@ def _finish_row(row: int, new: list[int], cand: list[int], max_new: int, eos: se
     return added, False
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """Refuse a request that cannot fit the model's context. Drafts never pass the last
+    position a request can reach (each row's depth is capped by the tokens it has left), so a
+    request that fits is served, drafting less near the end.
+
+    Raises:
+        ValueError: naming both lengths, the context and the fix.
+    """
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise ValueError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {context} tokens; shorten the prompt or lower max_new_tokens")
+
+
 def speculative_generate(
     runner: TargetRunner,
     speculator: Speculator,
@@ -164,14 +179,7 @@ def speculative_generate(
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask.sum(-1) == 0).any()):
         raise ValueError("empty prompt: every row needs at least one token")
-    limit = runner.max_context
-    depth_max = speculator.builder.max_depth
-    if limit is not None and L + max_new_tokens + depth_max > limit:
-        raise ValueError(
-            f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) + draft depth "
-            f"({depth_max}) exceeds the model's context of {limit} tokens; shorten the prompt "
-            "or lower max_new_tokens"
-        )
+    check_context(L, max_new_tokens, runner.max_context)
     hook = get_plugin_manager().hook.specplug_on_step
     eos = set(int(e) for e in eos_token_ids)
     stats = GenerationStats(accepted_per_step=[[] for _ in range(B)],

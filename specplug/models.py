@@ -585,6 +585,7 @@ def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
             or not (isinstance(message.get("content"), str))
         ):
             raise ValueError(f"messages[{index}] must be a dict with str 'role' and 'content'")
+        _check_text(message["content"], f"messages[{index}]['content']")
 
 
 def _encode_with_template(
@@ -611,6 +612,17 @@ def _render_plain(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _check_text(text: object, what: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{what} is not valid UTF-8 text (an undecodable byte at character {err.start}: "
+            f"{text[max(0, err.start - 8):err.start]!r} ...); pass UTF-8 text") from None
+
+
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase, text: str, chat: bool | None = None
 ) -> list[int]:
@@ -620,7 +632,12 @@ def encode_prompt(
     the tokenizer has one, else plain encoding with the tokenizer's default special tokens
     (BOS for Gemma; none for SmolLM2). ``chat=True`` requires a template; ``chat=False``
     always encodes plainly.
+
+    Raises:
+        ValueError: ``text`` is not a string of valid Unicode (bytes that are not UTF-8 on a
+            command line arrive as lone surrogates), or ``chat=True`` without a template.
     """
+    _check_text(text, "the prompt")
     has_template = _has_chat_template(tokenizer)
     if chat is None:
         chat = has_template

@@ -46,11 +46,21 @@ def test_run_text_report_and_sampling(folder, capsys):
     (["--method", "ngram", "--tree", "star"], "invalid tree spec"),
     (["--method", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
     (["--method", "ngram", "--option", "prompt_lookup_maxx=2"], "prompt_lookup_maxx"),
+    # the user's length is the one named, with --compare too (not the warm-up's 8)
+    (["--max-new-tokens", "1000", "--compare"], "max_new_tokens (1000) exceeds the model's "
+                                                "context of 256"),
 ])
 def test_run_errors_exit_2(folder, capsys, args, needle):
     rc = main(["run", "--model", folder, "--prompt", PROMPT, *args])
     assert rc == 2
     assert needle in capsys.readouterr().err
+
+
+def test_prompt_that_is_not_utf8(folder, capsys):
+    """Bytes that are not UTF-8 on a command line reach Python as lone surrogates."""
+    bad = b"caf\xe9 \xff\xfe abc".decode("utf-8", "surrogateescape")
+    assert main(["run", "--model", folder, "--prompt", bad]) == 2
+    assert "not valid UTF-8 text" in capsys.readouterr().err
 
 
 def test_unknown_model_name(capsys):

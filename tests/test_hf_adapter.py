@@ -90,6 +90,19 @@ def test_prompt_past_the_context(llama):
         sh.generate(llama, ids, max_new_tokens=10, method="ngram")
 
 
+def test_a_request_that_just_fits_the_context_is_served(llama):
+    """Prompt + max_new_tokens = the context: drafts get shorter near the end instead of the
+    request being refused, and the output is still the model's greedy output."""
+    context = llama.config.max_position_embeddings
+    ids = torch.tensor([[5, 6, 7, 8, 9] * ((context - 24) // 5)])
+    max_new = context - ids.shape[1]
+    want = llama.generate(ids, max_new_tokens=max_new, do_sample=False)
+    got = sh.generate(llama, ids, max_new_tokens=max_new, method="ngram")
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=rf"\({max_new + 1}\) exceeds the model's context"):
+        sh.generate(llama, ids, max_new_tokens=max_new + 1, method="ngram")
+
+
 def test_empty_prompt(llama):
     with pytest.raises(ValueError, match="empty prompt|non-empty"):
         sh.generate(llama, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4,
