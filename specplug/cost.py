@@ -162,6 +162,15 @@ class CostModel:
             return 0.0
         return max(fit[1], 0.0) / one
 
+    def draft_fixed(self) -> float:
+        """What running the drafter costs before its first draft token (its time at depth 0:
+        a head's forward over the new features, a draft model's catch-up), relative to a
+        one-token target forward; 0 until the drafter has been timed there. ``step_cost``
+        leaves it out (every step pays it alike); a step that does not run the drafter
+        saves it."""
+        one, zero = self.target.at(1), self.draft.times.get(0)
+        return max(zero, 0.0) / one if one and zero is not None else 0.0
+
     def step_cost(self, depth: int) -> float:
         """Cost of a step that drafts ``depth`` tokens (a chain, or a tree of ``depth``
         nodes) and scores them with its root, relative to a plain one-token forward.
@@ -216,6 +225,10 @@ class BatchedCost:
         """One more draft depth for the whole batch (``base``'s draft curve is timed per
         batch), relative to a plain batched step."""
         return self.base.draft_per_token() / self.base.relative(self.rows)
+
+    def draft_fixed(self) -> float:
+        """``base.draft_fixed`` relative to a plain batched step."""
+        return self.base.draft_fixed() / self.base.relative(self.rows)
 
     def step_cost(self, depth: int) -> float:
         return self.relative(1 + depth) + self.draft_per_token() * depth

@@ -127,7 +127,9 @@ class DraftSession:
         t0 = time.perf_counter()
         tree = self.builder.build(self.drafter, ctx, limits, vocab_size)
         layout = TreeLayout.from_tree(tree) if self.route.trees else None
-        if self.steps:  # the first step's drafting also reads the whole prompt: a one-off
+        # the first step's drafting also reads the whole prompt: a one-off; a step where every
+        # row rested did not run the drafter, so it says nothing of its cost
+        if self.steps and not self.builder.all_rested:
             if not tree.width:
                 depth = 0
             elif layout is None:  # a chain: its depth is its length

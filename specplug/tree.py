@@ -9,7 +9,7 @@ Shapes: ``B`` rows, ``N`` nodes per row (padded), ``V`` vocabulary, ``D`` max de
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -98,16 +98,31 @@ class TreeBuilder(ABC):
     #: per row, what the drafter believed of each node of the last adaptive build
     beliefs: list[list[float]] | None = None
 
+    #: a resting row drafts again (a probe) after this many steps in a row without a draft
+    PROBE_EVERY = 8
+    #: drafted row-steps seen before the lifetime gain is trusted to make a row rest
+    MIN_EVIDENCE = 8
+    #: a row rests after the drafter ran this many times in a row for it and drafted nothing
+    EMPTY_RUNS = 2
+
     def __init__(self) -> None:
         #: belief -> observed acceptance, learned across this builder's steps (adaptive)
         self.calibration = AcceptanceCalibration()
         #: per row of the current requests: their acceptance against the calibrated beliefs
         self.correction = RequestCorrection()
+        #: across requests, over row-steps that drafted: [accepted tokens, nodes, row-steps]
+        self.gain = [0.0, 0.0, 0]
+        self.idle_steps: list[int] = []  # per row: steps in a row it rested
+        self.empty_runs: list[int] = []  # per row: drafter runs in a row that drafted nothing
+        #: every active row rested in the last build (the drafter did not run for any)
+        self.all_rested = False
 
     def start(self, rows: int) -> None:
         """New requests in ``rows`` rows: forget what the last ones accepted per row."""
         self.correction.start(rows)
         self.beliefs = None
+        self.idle_steps = [0] * rows
+        self.empty_runs = [0] * rows
 
     def regroup(self, sources: list[int | None]) -> None:
         """The engine's batch changed: new row ``i`` is old row ``sources[i]`` going on (its
@@ -115,6 +130,41 @@ class TreeBuilder(ABC):
         self.correction.regroup(sources)
         if self.beliefs is not None:
             self.beliefs = [self.beliefs[s] if s is not None else [] for s in sources]
+        self.idle_steps = [self.idle_steps[s] if s is not None and s < len(self.idle_steps)
+                           else 0 for s in sources]
+        self.empty_runs = [self.empty_runs[s] if s is not None and s < len(self.empty_runs)
+                           else 0 for s in sources]
+
+    def resting(self, ctx: DraftContext) -> list[bool]:
+        """Per row: draft nothing this step, without running the drafter, because drafting
+        would not pay. Either the budget found nothing worth drafting the last
+        ``EMPTY_RUNS`` times the drafter ran for the row, or what the row can expect to gain
+        (the lifetime accepted tokens per row-step that drafted, times the row's request
+        correction) does not pay for a typical tree plus the drafter's fixed cost
+        (``CostModel.draft_fixed``: a head's forward runs before it drafts anything). A
+        resting row probes every ``PROBE_EVERY`` steps, so a request whose text starts to
+        suit the drafter is found out. Rows rest only under an adaptive budget
+        (``self.cost``). The rule reads past outcomes only, never this step's draft, so under
+        sampling it is a stopping time and the output stays exact."""
+        rows = len(ctx.tokens)
+        if len(self.idle_steps) != rows:
+            self.idle_steps, self.empty_runs = [0] * rows, [0] * rows
+        out = [False] * rows
+        cost, (accepted, nodes, steps) = self.cost, self.gain
+        if cost is None:
+            return out
+        price = None
+        if steps >= self.MIN_EVIDENCE:
+            price = cost.step_cost(max(1, round(nodes / steps))) + cost.draft_fixed()
+        for b in range(rows):
+            if not ctx.active[b]:
+                continue
+            futile = self.empty_runs[b] >= self.EMPTY_RUNS
+            if price is not None:
+                futile = futile or 1.0 + accepted / steps * self.correction.factor(b) <= price
+            out[b] = futile and self.idle_steps[b] < self.PROBE_EVERY - 1
+            self.idle_steps[b] = self.idle_steps[b] + 1 if out[b] else 0
+        return out
 
     def accept_p(self, row: int, belief: float) -> float:
         """What the budget rules take as the acceptance probability of a node of ``row``
@@ -136,9 +186,18 @@ class TreeBuilder(ABC):
         ``ctx.cost`` (``specplug.budget``)."""
         sample = (not ctx.sampling.greedy) and drafter.probabilistic
         self.cost = ctx.cost if drafter.probabilistic and ctx.adaptive else None
+        rest = self.resting(ctx)
+        self.all_rested = any(rest) and all(r or not a for r, a in zip(rest, ctx.active))
+        if any(rest):
+            ctx = replace(ctx, resting=rest)
+            depth_limit = [0 if r else d for r, d in zip(rest, depth_limit)]
         roots = drafter.begin(ctx)
         nodes: list[list[TreeNode]] = [[] for _ in ctx.tokens]
         self._grow(drafter, ctx, roots, nodes, depth_limit, sample)
+        if self.cost is not None:
+            for b, row in enumerate(nodes):
+                if ctx.active[b] and not rest[b] and depth_limit[b] > 0:
+                    self.empty_runs[b] = 0 if row else self.empty_runs[b] + 1
         self.beliefs = [[self._belief(n) for n in row] for row in nodes] \
             if self.cost is not None else None
         return _to_tensors(nodes, sample, vocab_size)
@@ -156,6 +215,7 @@ class TreeBuilder(ABC):
             hit = set(accepted_nodes[b, :int(num_accepted[b])].tolist())
             if row:  # what the calibrated beliefs predicted: E[accepted] = sum of P(accepted)
                 self.correction.observe(b, len(hit), sum(self.calibration(p) for p in row))
+                self.gain = [self.gain[0] + len(hit), self.gain[1] + len(row), self.gain[2] + 1]
             else:
                 self.correction.idle(b)
             for i, p in enumerate(row):

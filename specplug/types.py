@@ -168,6 +168,10 @@ class DraftContext:
             framework's loop runs the target and specplug cannot time it).
         adaptive: size the draft by its expected payoff under ``cost``
             (``SpecConfig.adaptive``); False: draft up to the depth limit.
+        resting: per row, True where the tree builder drafts nothing this step because the
+            row's expected gain cannot pay for running the drafter (None: no row rests). A
+            drafter may skip its work for a resting row but must keep the row's state
+            current (take its new tokens and features), and return any root for it.
     """
 
     tokens: list[list[int]]
@@ -177,6 +181,7 @@ class DraftContext:
     target_hidden: list[torch.Tensor] | None = None
     cost: Any = None  # specplug.cost.CostModel | None
     adaptive: bool = True
+    resting: list[bool] | None = None
 
 
 @dataclass

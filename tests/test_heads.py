@@ -92,10 +92,8 @@ def test_identical_to_generate(llama, kind, tree, lengths):
     assert got.sequences == want
 
 
-@pytest.mark.parametrize("kind", HEAD_KINDS)
-def test_trained_heads_get_drafts_accepted_and_stay_identical(llama, kind):
-    """Heads trained briefly on the tiny target's own outputs get drafts accepted (so the
-    multi-token commit paths run) on new prompts; the output stays identical."""
+def trained_net(llama, kind: str):
+    """A head trained briefly on the tiny target's own outputs."""
     from specplug.train.data import Sequence, extract_features
     from specplug.train.trainer import Example, TrainSettings, train_head
 
@@ -107,6 +105,14 @@ def test_trained_heads_get_drafts_accepted_and_stay_identical(llama, kind):
     net = make_net(kind, llama, draft_vocab=VOCAB, heads=3)
     train_head(net, examples, [], TrainSettings.for_kind(kind, epochs=8, batch_size=4,
                                                          lr=3e-3, warmup=2))
+    return net
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_trained_heads_get_drafts_accepted_and_stay_identical(llama, kind):
+    """Heads trained briefly on the tiny target's own outputs get drafts accepted (so the
+    multi-token commit paths run) on new prompts; the output stays identical."""
+    net = trained_net(llama, kind)
     ids, mask = repetitive_prompts([9, 12, 7], seed=5)
     want = reference_greedy(llama, ids, mask, 24)
     # adaptive=False: a tiny target is cheaper than drafting, so an adaptive tree stays empty
@@ -117,6 +123,42 @@ def test_trained_heads_get_drafts_accepted_and_stay_identical(llama, kind):
     got = speculative_generate(runner, spec, ids, mask, max_new_tokens=24)
     assert got.sequences == want
     assert max(max(a) for a in got.stats.accepted_per_step) >= 2
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_a_row_that_rested_drafts_what_it_would_have(llama, kind):
+    """A row the tree builder lets rest (the head does not run for it) keeps its features;
+    when it drafts again the head catches up over every position since, and proposes exactly
+    what a head that never rested proposes on the same history."""
+    from specplug.drafters.base import FrontierItem
+    from specplug.types import DraftContext
+
+    net = trained_net(llama, kind)
+    ids = torch.randint(1, VOCAB, (40,), generator=torch.Generator().manual_seed(7))
+    f = features(llama, ids, kind)
+    rests = [False, True, True, True, False, True, False, False, True, True, False]
+    lazy, eager = (Speculator.from_config(SpecConfig(method=kind, checkpoint=net,
+                                                     num_speculative_tokens=3), llama).drafter
+                   for _ in range(2))
+    for d in (lazy, eager):
+        d.start([ids[:9].tolist()])
+    seen = 0  # tokens whose features the drafters have
+    for step, rest in enumerate(rests):
+        n = 10 + step * 2  # two tokens committed per step
+        hist = ids[:n].tolist()
+        new = [f[(0 if step == 0 else seen):n - 1]]  # features of the tokens since
+        seen = n - 1
+        ctx = dict(tokens=[hist], active=[True], sampling=SamplingParams(), target_hidden=new)
+        root_lazy = lazy.begin(DraftContext(**ctx, resting=[rest]))[0]
+        root_eager = eager.begin(DraftContext(**ctx))[0]
+        if rest:
+            assert root_lazy is None
+            continue
+        got, want = (d.expand([[FrontierItem(r, hist[-1])]], 4)[0][0]
+                     for d, r in ((lazy, root_lazy), (eager, root_eager)))
+        assert got.tokens == want.tokens
+        torch.testing.assert_close(torch.tensor(got.probs), torch.tensor(want.probs),
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("slope, expect_full", [(0.0, True), (5.0, False)])

@@ -17,6 +17,7 @@ from specplug.drafters.ngram import NgramDrafter
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
 from specplug.plugins import get_registry
 from specplug.sampling import SamplingParams
+from specplug.tree import TreeBuilder
 
 
 def test_factor_is_accepted_over_predicted_and_decays_back_to_one():
@@ -109,29 +110,39 @@ class Scripted(Drafter):
         return out
 
 
-def test_engine_stops_drafting_on_misses_and_resumes_when_drafts_match(monkeypatch):
-    """Through the engine: a drafter that is confidently wrong for the first half of the answer
-    is soon not drafted at all; once its proposals are right, drafting resumes and is accepted.
-    The output is the target's greedy output throughout."""
+def _scripted_run(monkeypatch, cls, new: int, switch: int, head_ms: float | None = None):
+    """``cls`` (a ``Scripted``) through the engine on a tiny target, with a fixed CPU-like
+    cost curve (a draft must be accepted to pay) and, with ``head_ms``, a drafter that costs
+    that much per run before it drafts anything. Returns the drafter and the generation,
+    checked identical to greedy."""
     model = tiny_llama(0)
     ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    new = 60
     want = reference_greedy(model, ids, mask, new)
-    reference = ids[0].tolist() + want[0]
-    switch = 12 + new // 2
-    drafter = Scripted(reference, switch, vocab=int(model.config.vocab_size))
-    monkeypatch.setitem(get_registry().drafters, "scripted", Scripted)
-    config = SpecConfig(method="scripted", num_speculative_tokens=4)
+    drafter = cls(ids[0].tolist() + want[0], 12 + switch, int(model.config.vocab_size))
+    monkeypatch.setitem(get_registry().drafters, cls.name, cls)
+    config = SpecConfig(method=cls.name, num_speculative_tokens=4)
     reg = get_registry()
     spec = Speculator(config, drafter, reg.tree_builders["chain"](config),
                       reg.verifiers[config.acceptance_method])
-    spec.cost = linear(0.2)  # a CPU-like curve: a draft must be accepted to pay
+    spec.cost = linear(0.2)
+    if head_ms is not None:
+        spec.cost.observe_draft(0, head_ms / 1000)  # target.at(1) is 10 ms
     # kept fixed: the engine would otherwise refine it with the tiny model's measured times
     monkeypatch.setattr(spec.cost, "observe", lambda *a: None)
     monkeypatch.setattr(spec.cost, "observe_draft", lambda *a: None)
     got = speculative_generate(ModelTargetRunner(model), spec, ids, mask, max_new_tokens=new)
     assert got.sequences == want
+    return drafter, got
+
+
+def test_engine_stops_drafting_on_misses_and_resumes_when_drafts_match(monkeypatch):
+    """Through the engine: a drafter that is confidently wrong for the first half of the answer
+    is soon not drafted at all; once its proposals are right, drafting resumes and is accepted.
+    The output is the target's greedy output throughout."""
+    new = 60
+    switch = 12 + new // 2
+    _, got = _scripted_run(monkeypatch, Scripted, new, new // 2)
     depth = got.stats.draft_depth_per_step[0]
     accepted = got.stats.accepted_per_step[0]
     emitted = [1 + a for a in accepted]
@@ -142,3 +153,45 @@ def test_engine_stops_drafting_on_misses_and_resumes_when_drafts_match(monkeypat
     later = wrong[3:]  # after two misses: a probe now and then
     assert len(later) >= 20 and sum(d > 0 for d in later) <= len(later) // 4
     assert sum(a for _, a in right) >= 10  # drafting resumed, and pays
+
+
+class Counting(Scripted):
+    """``Scripted``, recording per step whether the builder let its row rest."""
+
+    name = "counting"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.rested: list[bool] = []
+
+    def begin(self, ctx):
+        self.rested.append(bool(ctx.resting and ctx.resting[0]))
+        return super().begin(ctx)
+
+
+def _resting_run(monkeypatch, switch_at: float, head_ms: float):
+    """``Counting`` with a fixed cost per run (``head_ms``, like a trained head's forward),
+    wrong until ``switch_at`` of an 80-token answer."""
+    drafter, got = _scripted_run(monkeypatch, Counting, 80, int(80 * switch_at), head_ms)
+    return drafter.rested, got.stats
+
+
+def test_a_drafter_that_cannot_pay_rests_and_probes(monkeypatch):
+    """Drafts that always miss, from a drafter whose every run costs a fifth of a step: after
+    the evidence is in, the builder stops running the drafter at all (not only drafting
+    nothing), but for a probe at least every ``PROBE_EVERY`` steps; the output is the
+    target's greedy output."""
+    rested, stats = _resting_run(monkeypatch, switch_at=2.0, head_ms=2.0)
+    late = rested[20:]
+    # a probe that drafts and misses costs up to three runs (the probe, then two that the
+    # lowered correction leaves empty), so at least two steps in three rest
+    assert len(late) >= 30 and sum(late) >= len(late) * 2 / 3
+    runs = [i for i, r in enumerate(late) if not r]
+    assert all(b - a <= TreeBuilder.PROBE_EVERY for a, b in zip(runs, runs[1:]))
+
+
+def test_a_drafter_that_pays_never_rests(monkeypatch):
+    """The same drafter, right from the first token: every draft is accepted, the expected
+    gain pays for the drafter's fixed cost, and no row ever rests."""
+    rested, stats = _resting_run(monkeypatch, switch_at=0.0, head_ms=2.0)
+    assert not any(rested) and stats.mean_accepted_tokens > 3.0

@@ -149,6 +149,11 @@ class HeadDrafter(Drafter):
             if feats.shape[0] != n - 1:
                 raise RuntimeError(f"row {b}: {feats.shape[0]} hidden features for {n} tokens "
                                    f"(expected {n - 1}: every committed token but the root)")
+            if ctx.resting is not None and ctx.resting[b]:
+                # no draft this step: keep the features, run the head when the row drafts
+                # again (one commit over every position since, as at the first step)
+                roots.append(None)
+                continue
             done = row["done"]  # positions whose (feature, next token) pair is committed
             if n - 2 > done:
                 extra = {"next_feats": feats[done + 1:n - 1]} \
