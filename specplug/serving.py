@@ -113,16 +113,19 @@ class ChainProposer:
             self.session.start([r[:-1] for r in rows])
             self.restarts += 1
         else:
+            kept = True
             if sources != list(range(len(self._rows or []))):
                 # requests joined, left or moved: rows that go on keep their drafter state
-                self.session.regroup(sources, [r[:-1] for r in rows])
+                # (drafters that cannot move it restart, and observe nothing of this step)
+                kept = self.session.regroup(sources, [r[:-1] for r in rows])
                 self.regroups += 1
             if self._scored is not None and None not in sources and all(done):
                 # the engine's step scored our chains and nothing else (no new prefill)
                 self.speculator.cost.observe(max(1, self._scored), now - self._returned_at)
-            self.session.accept(StepOutcome(accepted=[c[:-1] for c in done],
-                                            bonus=[c[-1] if c else None for c in done],
-                                            tokens=rows))
+            if kept:
+                self.session.accept(StepOutcome(accepted=[c[:-1] for c in done],
+                                                bonus=[c[-1] if c else None for c in done],
+                                                tokens=rows))
         limits = [self._limit(r) if a else 0 for r, a in zip(rows, active)]
         tree, _ = self.session.propose(rows, active, limits, self.vocab_size,
                                        sampling=self.sampling,

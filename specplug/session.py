@@ -89,14 +89,24 @@ class DraftSession:
             observer.start([list(p) for p in prompts])
         self.steps = 0
 
-    def regroup(self, sources: list[int | None], prompts: Sequence[Sequence[int]]) -> None:
+    def regroup(self, sources: list[int | None], prompts: Sequence[Sequence[int]]) -> bool:
         """A serving engine's batch changed between steps: new row ``i`` continues last
         step's row ``sources[i]``, or is a new request (None) with context ``prompts[i]``.
-        Rows that go on keep what the drafter and tree builder learned of their request."""
-        self.drafter.regroup(list(sources), [list(p) for p in prompts])
-        self.builder.regroup(list(sources))
+        Rows that go on keep what the drafter and tree builder learned of their request.
+
+        Returns:
+            True when the drafter kept its rows (``accept`` the last step's outcome next, in
+            the new row order); False when it restarted them (``Drafter.regroup``'s
+            default): then the outcome is not accepted, as after ``start``.
+        """
+        kept = self.drafter.regroup(list(sources), [list(p) for p in prompts])
+        if kept:
+            self.builder.regroup(list(sources))
+        else:
+            self.builder.start(len(sources))
         for observer in self.observers:  # per-request observer state is per row: restart it
             observer.start([list(p) for p in prompts])
+        return kept
 
     def propose(self, tokens: list[list[int]], active: list[bool], limits: list[int],
                 vocab_size: int, *, sampling: SamplingParams,

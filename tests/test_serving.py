@@ -14,11 +14,12 @@ from specplug.serving import ChainProposer
 
 
 @torch.no_grad()
-def serve(target, proposer: ChainProposer, prompts: list[list[int]], max_new: int,
+def serve(target, proposer: ChainProposer, prompts: list[list[int]], max_new: int | list[int],
           slots: int = 3, shuffle_every: int = 3) -> list[list[int]]:
     """A toy continuous-batching engine: admits requests as slots free up, prefills them
     (their first token is the target's), reorders its rows now and then, asks the proposer for
     chains and verifies them greedily against the target, as vLLM does."""
+    limit = max_new if isinstance(max_new, list) else [max_new] * len(prompts)
     waiting = list(range(len(prompts)))
     tokens = {i: list(p) for i, p in enumerate(prompts)}
     new: dict[int, list[int]] = {i: [] for i in tokens}
@@ -49,11 +50,11 @@ def serve(target, proposer: ChainProposer, prompts: list[list[int]], max_new: in
             n = 0
             while n < len(chain) and chain[n] == best[n]:
                 n += 1
-            out = (chain[:n] + [best[n]])[: max_new - len(new[i])]
+            out = (chain[:n] + [best[n]])[: limit[i] - len(new[i])]
             tokens[i] += out
             new[i] += out
             committed[i] = out
-        running = [i for i in running if len(new[i]) < max_new]
+        running = [i for i in running if len(new[i]) < limit[i]]
         step += 1
     return [new[i] for i in range(len(prompts))]
 
@@ -98,6 +99,24 @@ def test_rows_are_matched_to_the_request_they_continue():
     # two requests with one history: each old row is matched once
     proposer.propose([a, a], [[4], [4]])
     assert proposer._sources([a + [1], a + [2]], [[1], [2]]) == [0, 1]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_rows_that_leave_unevenly_keep_outputs_identical(method):
+    """Requests of different lengths leave one by one with nothing to take their slots, so the
+    batch shrinks while other rows go on: a drafter that keeps its rows (ngram) observes the
+    step in the new order; one that restarts them (draft_model) observes nothing of it."""
+    target = tiny_llama(0)
+    options = {"model": tiny_llama(0)} if method == "draft_model" else {}
+    config = SpecConfig(method=method, num_speculative_tokens=3, **options)
+    ids, mask = repetitive_prompts([9, 14, 6, 11], seed=4)
+    prompts = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
+    lengths = [14, 5, 9, 12]
+    proposer = ChainProposer(config, vocab_size=96, max_context=256)
+    got = serve(target, proposer, prompts, max_new=lengths, slots=4, shuffle_every=1000)
+    want = reference_greedy(target, ids, mask, max(lengths))
+    assert got == [w[:n] for w, n in zip(want, lengths)]
+    assert proposer.regroups >= 2
 
 
 def _scripted(proposer: ChainProposer, history: list[int], loop: list[int], accept: bool,

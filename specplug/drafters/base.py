@@ -116,13 +116,16 @@ class Drafter(ABC):
     def start(self, prompts: list[list[int]]) -> None:  # noqa: B027 - optional hook
         """A new generation begins with these (pad-free) prompts. Resets per-request state."""
 
-    def regroup(self, sources: list[int | None], prompts: list[list[int]]) -> None:
+    def regroup(self, sources: list[int | None], prompts: list[list[int]]) -> bool:
         """A serving engine's batch changed between steps: new row ``i`` is the request that
         was row ``sources[i]`` going on, or a new request (None) whose context is
         ``prompts[i]`` (every row's pad-free tokens but the root). Drafters with per-row state
-        worth keeping (ngram's index and per-request estimates) move it; the default
-        restarts every row, which is always correct, only slower to learn."""
+        worth keeping (ngram's index and per-request estimates) move it and return True: the
+        last step's outcome is then observed in the new row order. The default
+        restarts every row (``start``) and returns False: nothing is observed before the
+        next ``begin``, as after any start. Always correct, only slower to learn."""
         self.start(prompts)
+        return False
 
     @abstractmethod
     def begin(self, ctx: DraftContext) -> list[Any]:

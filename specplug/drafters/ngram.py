@@ -259,7 +259,7 @@ class NgramDrafter(Drafter):
         self.acceptance.request = {}
         self.correction.start(len(prompts))
 
-    def regroup(self, sources: list[int | None], prompts: list[list[int]]) -> None:
+    def regroup(self, sources: list[int | None], prompts: list[list[int]]) -> bool:
         """Rows that go on keep their index, request counts, correction and last draft; new
         rows start fresh; rows that left are requests that ended (cached, with a cache)."""
         kept = {s for s in sources if s is not None}
@@ -284,6 +284,7 @@ class NgramDrafter(Drafter):
                         for s in sources]
         self.predicted = [self.predicted[s] if s is not None and s < len(self.predicted)
                           else 0.0 for s in sources]
+        return True
 
     def begin(self, ctx: DraftContext) -> list[Any]:
         if len(self.rows) != len(ctx.tokens):
