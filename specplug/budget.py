@@ -21,6 +21,7 @@ import bisect
 from collections.abc import Callable, Sequence
 
 from specplug.cost import BatchedCost, CostModel
+from specplug.types import regroup_rows
 
 __all__ = ["AcceptanceCalibration", "RequestCorrection", "best_depth", "best_tree_size",
            "expected_accepted", "worth_extending"]
@@ -85,10 +86,8 @@ class RequestCorrection:
     def regroup(self, sources: list[int | None]) -> None:
         """The engine's batch changed: new row ``i`` is old row ``sources[i]`` going on, or a
         new request (None, factor 1)."""
-        self.accepted = [self.accepted[s] if s is not None and s < len(self.accepted) else 0.0
-                         for s in sources]
-        self.predicted = [self.predicted[s] if s is not None and s < len(self.predicted)
-                          else 0.0 for s in sources]
+        self.accepted = regroup_rows(self.accepted, sources, float)
+        self.predicted = regroup_rows(self.predicted, sources, float)
 
     def factor(self, row: int) -> float:
         if row >= len(self.accepted):

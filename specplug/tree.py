@@ -22,7 +22,7 @@ from specplug.budget import (
 )
 from specplug.cost import CostModel
 from specplug.drafters.base import Candidates, DraftContext, Drafter, FrontierItem
-from specplug.types import DraftTree, TreeLayout
+from specplug.types import DraftTree, TreeLayout, regroup_rows
 
 __all__ = [
     "ChainBuilder",
@@ -129,11 +129,9 @@ class TreeBuilder(ABC):
         request correction and its last tree's beliefs move with it) or a new request (None)."""
         self.correction.regroup(sources)
         if self.beliefs is not None:
-            self.beliefs = [self.beliefs[s] if s is not None else [] for s in sources]
-        self.idle_steps = [self.idle_steps[s] if s is not None and s < len(self.idle_steps)
-                           else 0 for s in sources]
-        self.empty_runs = [self.empty_runs[s] if s is not None and s < len(self.empty_runs)
-                           else 0 for s in sources]
+            self.beliefs = regroup_rows(self.beliefs, sources, list)
+        self.idle_steps = regroup_rows(self.idle_steps, sources, int)
+        self.empty_runs = regroup_rows(self.empty_runs, sources, int)
 
     def resting(self, ctx: DraftContext) -> list[bool]:
         """Per row: draft nothing this step, without running the drafter, because drafting

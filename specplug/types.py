@@ -13,12 +13,13 @@ float32; tensors are on the target's device unless a docstring says CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["DraftContext", "DraftTree", "SamplingParams", "StepOutcome", "TreeLayout",
+__all__ = ["DraftContext", "DraftTree", "SamplingParams", "StepOutcome", "TreeLayout", "regroup_rows",
            "VerifyResult"]
 
 
@@ -198,3 +199,14 @@ class StepOutcome:
     accepted: list[list[int]]
     bonus: list[int | None]
     tokens: list[list[int]]
+
+
+T = TypeVar("T")
+
+
+def regroup_rows(values: Sequence[T], sources: Sequence[int | None],
+                 fresh: Callable[[], T]) -> list[T]:
+    """Per-row state after a serving engine's batch changed: new row ``i`` takes
+    ``values[sources[i]]`` (the request going on), or ``fresh()`` for a new request (None) or
+    a row the state does not cover yet."""
+    return [values[s] if s is not None and s < len(values) else fresh() for s in sources]

@@ -43,6 +43,7 @@ from specplug.drafters.base import (
 )
 from specplug.drafters.suffix_cache import MAX_CONTEXT, SuffixCache
 from specplug.hookspecs import hookimpl
+from specplug.types import regroup_rows
 
 
 class NgramOptions(DrafterOptions):
@@ -269,21 +270,16 @@ class NgramDrafter(Drafter):
                     for text in text_segments(seq, self.media_tokens):
                         self.cache.add(text)
             self.history = [self.history[s] if s is not None and s < len(self.history) else p
-                            for s, p in zip(sources, prompts)]
+                            for s, p in zip(sources, prompts)]  # a new row: its prompt
         o = self.options
-        old_rows = self.rows
-        self.rows = [old_rows[s] if s is not None and s < len(old_rows) else
-                     _RowIndex(o.prompt_lookup_min, o.prompt_lookup_max, self.media_tokens)
-                     for s in sources]
+        self.rows = regroup_rows(self.rows, sources, lambda: _RowIndex(
+            o.prompt_lookup_min, o.prompt_lookup_max, self.media_tokens))
         where = {s: i for i, s in enumerate(sources) if s is not None}
         self.acceptance.request = {(where[row], kind): counts for (row, kind), counts
                                    in self.acceptance.request.items() if row in where}
         self.correction.regroup(sources)
-        nothing = ((0, 0), 0)
-        self.drafted = [self.drafted[s] if s is not None and s < len(self.drafted) else nothing
-                        for s in sources]
-        self.predicted = [self.predicted[s] if s is not None and s < len(self.predicted)
-                          else 0.0 for s in sources]
+        self.drafted = regroup_rows(self.drafted, sources, lambda: ((0, 0), 0))
+        self.predicted = regroup_rows(self.predicted, sources, float)
         return True
 
     def begin(self, ctx: DraftContext) -> list[Any]:
