@@ -11,7 +11,7 @@ drafter calls (``start`` / ``begin`` + ``expand`` / ``observe``) with a ``ChainB
 - When requests join, leave or are reordered, each row is matched to last step's row whose
   history it extends (no request ids needed, so any engine's reordering is followed) and the
   drafter is regrouped: rows that go on keep their state (``ngram``'s index and per-request
-  acceptance estimates), new rows start fresh (drafters without ``regroup`` restart every
+  acceptance estimates), new rows start fresh (drafters that cannot move theirs restart every
   row: a re-prefill for model drafters). Correctness never depends on this: the engine
   verifies every token; only speed does.
 
