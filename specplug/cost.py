@@ -198,28 +198,36 @@ class CostModel:
 
 @dataclass
 class BatchedCost:
-    """``base`` read for one row of a batch of ``rows`` rows that speculate alike, for engines
-    that score a whole batch in one forward (vLLM): ``base``'s target curve is then by the
-    step's total scored tokens, and a row drafting ``d`` tokens makes the step cost
-    ``C(rows * (1 + d)) / C(rows)`` of a plain batched step. On a CPU that ratio grows with the
-    batch (a batch of 8 already fills 2 cores), so rows draft only what pays for itself there;
-    on a GPU the curve is flat and nothing changes. ``rows = 1`` reads ``base`` unchanged."""
+    """``base`` read for one row of a batch of ``rows`` rows of which ``drafting`` draft alike
+    (all of them unless told), for engines that score a whole batch in one forward (vLLM):
+    ``base``'s target curve is then by the step's total scored tokens, and a drafting row's
+    ``d`` draft tokens make the step cost ``C(rows + drafting * d) / C(rows)`` of a plain
+    batched step. On a CPU that ratio grows with the batch (a batch of 8 already fills 2
+    cores), so rows draft only what pays for itself there; on a GPU the curve is flat and
+    nothing changes. ``rows = 1`` reads ``base`` unchanged."""
 
     base: CostModel
     rows: int
+    drafting: int | None = None
+    _steps: dict[int, float] = field(default_factory=dict, init=False, repr=False,
+                                     compare=False)  # step_cost memo for _steps_version
+    _steps_version: tuple[int, int] = field(default=(-1, -1), init=False, repr=False,
+                                            compare=False)
 
     @property
     def calibrated(self) -> bool:
         return self.base.calibrated
 
     def relative(self, n_tokens: int) -> float:
-        """Step cost when every row scores ``n_tokens``, relative to one token per row. Before
-        ``base`` has timed two sizes its prior slope is a lone request's, so it is read per
-        row: scaled to the batch it would stop all drafting, and with it the timings of other
-        sizes that would correct it (on a GPU, for good)."""
+        """Step cost when every drafting row scores ``n_tokens`` (the others one), relative to
+        one token per row. Before ``base`` has timed two sizes its prior slope is a lone
+        request's, so it is read per row: scaled to the batch it would stop all drafting, and
+        with it the timings of other sizes that would correct it (on a GPU, for good)."""
         if self.base.target.line() is None:
             return self.base.relative(n_tokens)
-        return self.base.relative(self.rows * n_tokens) / self.base.relative(self.rows)
+        drafting = self.rows if self.drafting is None else self.drafting
+        return (self.base.relative(self.rows + drafting * (n_tokens - 1))
+                / self.base.relative(self.rows))
 
     def draft_per_token(self) -> float:
         """One more draft depth for the whole batch (``base``'s draft curve is timed per
@@ -231,10 +239,21 @@ class BatchedCost:
         return self.base.draft_fixed() / self.base.relative(self.rows)
 
     def step_cost(self, depth: int) -> float:
-        return self.relative(1 + depth) + self.draft_per_token() * depth
+        """``CostModel.step_cost`` at the batch's scale, memoised like it (budget rules read
+        every depth of every row each step)."""
+        version = (self.base.target.version, self.base.draft.version)
+        if version != self._steps_version:
+            self._steps, self._steps_version = {}, version
+        cost = self._steps.get(depth)
+        if cost is None:
+            cost = self._steps[depth] = (self.relative(1 + depth)
+                                         + self.draft_per_token() * depth)
+        return cost
 
 
-def batch_view(cost: CostModel, rows: int) -> CostModel | BatchedCost:
-    """What a row of a ``rows``-row batch reads: ``cost`` itself for one row (no extra reads
-    per step), else ``BatchedCost(cost, rows)``."""
-    return BatchedCost(cost, rows) if rows > 1 else cost
+def batch_view(cost: CostModel, rows: int, drafting: int | None = None
+               ) -> CostModel | BatchedCost:
+    """What a drafting row of a ``rows``-row batch, ``drafting`` of which draft (all unless
+    told), reads: ``cost`` itself for one row (no extra reads per step), else
+    ``BatchedCost(cost, rows, drafting)``."""
+    return BatchedCost(cost, rows, drafting) if rows > 1 else cost

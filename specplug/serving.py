@@ -22,6 +22,15 @@ the ``CostModel`` that drafters with adaptive depth (``ngram``) read. With sever
 read it as a ``BatchedCost``: a row's extra draft token is priced at the batch's scale, where
 on a CPU it costs far more than in a single request.
 
+Pricing a row's accepted tokens by the batch's throughput assumes a row that finishes sooner
+lets a waiting request in (a server with a queue). A batch that drains (requests leave and none
+join) has no queue: it takes as many steps as its slowest request, so an accepted token in a
+row that will finish first saves nothing (the token is scored later anyway) while its rejected
+drafts cost now. Once requests have left with none joining, only the rows with the fewest
+output tokens (the last to finish, when requests ask for alike lengths) draft, each priced as
+the few drafting rows of the batch they are; the rest draft nothing. A request that joins ends
+the drain. This only changes which rows draft, never what the engine commits.
+
 Chains are drafted greedily (the drafter's most likely token at every depth): engines that
 verify without the draft distribution treat a draft as one-hot, which is exact for any draft
 token and accepts most often when the draft is the drafter's argmax.
@@ -58,6 +67,9 @@ class ChainProposer:
         engine: how errors name the engine ("vLLM", ...).
     """
 
+    #: rows this many output tokens ahead of the fewest still count as the last to finish
+    DRAIN_SLACK = 1
+
     def __init__(self, config: SpecConfig, vocab_size: int, max_context: int | None = None,
                  target: Any = None, media_tokens: frozenset[int] = frozenset(),
                  engine: str = "this engine"):
@@ -81,8 +93,11 @@ class ChainProposer:
         self._rows: list[list[int]] | None = None  # histories the drafter last saw
         self._scored: int | None = None  # tokens the engine scores for our chains, all rows
         self._returned_at = 0.0
+        self._born: list[int] = []  # per row of ``_rows``: its history's length when it joined
+        self.draining = False  # requests left and none joined: see the module docstring
         self.restarts = 0  # steps where no row went on: the drafter started afresh
         self.regroups = 0  # steps where rows joined, left or moved and the rest went on
+        self.drain_steps = 0  # steps drafted under the drain rule
 
     def propose(self, histories: Sequence[Sequence[int]], committed: Sequence[Sequence[int]],
                 ) -> list[list[int]]:
@@ -108,6 +123,8 @@ class ChainProposer:
             return [[] for _ in rows]
         now = time.perf_counter()
         sources = self._sources(rows, done)
+        self._follow_drain(sources)
+        self._born = [len(r) if s is None else self._born[s] for r, s in zip(rows, sources)]
         if all(s is None for s in sources):
             # a prompt of one token still has a root; the drafter sees the rest as context
             self.session.start([r[:-1] for r in rows])
@@ -127,15 +144,44 @@ class ChainProposer:
                                                 bonus=[c[-1] if c else None for c in done],
                                                 tokens=rows))
         limits = [self._limit(r) if a else 0 for r, a in zip(rows, active)]
+        drafting = None
+        if self.draining and sum(active) > 1:
+            last = self._last_to_finish(rows, active)
+            limits = [n if b in last else 0 for b, n in enumerate(limits)]
+            drafting = len(last)
+            self.drain_steps += 1
         tree, _ = self.session.propose(rows, active, limits, self.vocab_size,
                                        sampling=self.sampling,
-                                       cost=batch_view(self.speculator.cost, sum(active)))
+                                       cost=batch_view(self.speculator.cost, sum(active),
+                                                       drafting))
         counts = tree.num_nodes.tolist()
         chains = [tree.tokens[b, :n].tolist() for b, n in enumerate(counts)]
         self._rows = rows
         self._scored = sum(len(c) + 1 for c, a in zip(chains, active) if a)
         self._returned_at = time.perf_counter()
         return chains
+
+    def _follow_drain(self, sources: list[int | None]) -> None:
+        """Update ``draining`` from this step's rows against last step's: requests that left
+        with none joining start a drain; a request that joins ends it. A fresh batch after
+        the engine emptied keeps what the last one did (the same traffic, most likely)."""
+        if all(s is None for s in sources):
+            return
+        joined = sum(s is None for s in sources)
+        left = len(self._rows or []) - (len(sources) - joined)
+        if joined:
+            self.draining = False
+        elif left:
+            self.draining = True
+
+    def _last_to_finish(self, rows: list[list[int]], active: list[bool]) -> set[int]:
+        """The active rows with the fewest output tokens (or one more): with alike requested
+        lengths, the rows a draining batch waits for. A row further ahead finishes sooner
+        whatever it drafts, and that saves only its share of the steps after, which is what
+        each of its draft tokens costs now."""
+        out = {b: len(r) - self._born[b] for b, (r, a) in enumerate(zip(rows, active)) if a}
+        fewest = min(out.values())
+        return {b for b, n in out.items() if n <= fewest + self.DRAIN_SLACK}
 
     def _limit(self, row: list[int]) -> int:
         if self.max_context is None:

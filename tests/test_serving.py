@@ -117,6 +117,7 @@ def test_rows_that_leave_unevenly_keep_outputs_identical(method):
     want = reference_greedy(target, ids, mask, max(lengths))
     assert got == [w[:n] for w, n in zip(want, lengths)]
     assert proposer.regroups >= 2
+    assert proposer.draining and proposer.drain_steps > 0  # nothing took the freed slots
 
 
 def _scripted(proposer: ChainProposer, history: list[int], loop: list[int], accept: bool,
@@ -162,6 +163,50 @@ def test_a_failing_request_keeps_drafting_nothing_when_the_batch_changes():
     tree, _ = chains.session.propose([newcomer, failing + [nxt]], [True, True], [8, 8], 96,
                                      sampling=chains.sampling, cost=chains.speculator.cost)
     assert tree.num_nodes.tolist() == [8, 8]
+
+
+def _step(proposer: ChainProposer, histories: list[list[int]], chains: list[list[int]],
+          loop: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """One step of a scripted engine that accepts every drafted token (each row continues
+    ``loop``): the new histories and the proposer's next chains."""
+    committed = [[loop[(len(h) + i) % len(loop)] for i in range(len(c) + 1)]
+                 for h, c in zip(histories, chains)]
+    histories = [h + c for h, c in zip(histories, committed)]
+    return histories, proposer.propose(histories, committed)
+
+
+def test_a_draining_batch_drafts_only_for_the_rows_it_waits_for():
+    """Requests leave and none join: only the rows with the fewest output tokens (the last
+    to finish) draft, since a row that finishes sooner frees a slot nobody takes; a request
+    that joins ends the drain and every row drafts again."""
+    loop = [5, 6, 7, 8, 9]
+    proposer = ChainProposer(SpecConfig(method="ngram", num_speculative_tokens=4), vocab_size=96)
+    proposer.speculator.cost = _linear_cost(1.0, 0.0)  # drafting always pays: only the rule cuts
+    proposer.speculator.cost.observe = lambda *args, **kwargs: None
+    ahead = loop * 6  # joins first, so it has more output tokens when the batch drains
+    histories, chains = [ahead], proposer.propose([ahead], [[ahead[-1]]])
+    for _ in range(3):
+        histories, chains = _step(proposer, histories, chains, loop)
+    behind, other = loop * 5, loop * 4
+    committed = [loop[(len(histories[0]) + i) % 5] for i in range(len(chains[0]) + 1)]
+    histories = [histories[0] + committed, behind, other]
+    chains = proposer.propose(histories, [committed, [behind[-1]], [other[-1]]])
+    histories, chains = _step(proposer, histories, chains, loop)
+    assert not proposer.draining and all(len(c) == proposer.k for c in chains)
+    outputs = [len(h) - n for h, n in zip(histories, (len(ahead), len(behind), len(other)))]
+    assert outputs[0] > outputs[1] + proposer.k, outputs
+    # ``other`` finished and nothing took its slot
+    histories, chains = _step(proposer, histories[:2], chains[:2], loop)
+    assert proposer.draining and proposer.drain_steps == 1
+    assert chains[0] == [] and len(chains[1]) == proposer.k
+    # a request joins: the batch is served from a queue again
+    newcomer = loop * 4 + [5]
+    committed = [[loop[(len(h) + i) % 5] for i in range(len(c) + 1)]
+                 for h, c in zip(histories, chains)]
+    histories = [h + c for h, c in zip(histories, committed)] + [newcomer]
+    chains = proposer.propose(histories, committed + [[5]])
+    assert not proposer.draining and proposer.drain_steps == 1
+    assert all(len(c) == proposer.k for c in chains)
 
 
 def test_draft_model_drafts_get_accepted_and_steps_continue():
@@ -374,6 +419,9 @@ def test_batched_cost_prices_a_rows_tokens_at_the_batch_scale():
     for d in range(5):
         assert batch.step_cost(d) == pytest.approx((0.9 + 0.8 * (1 + d)) / 1.7)
     assert batch.step_cost(2) > single.step_cost(2)
+    one = BatchedCost(cost, 8, drafting=1)  # one row of 8 drafts: (0.9 + 0.8 + 0.1 d) / 1.7
+    for d in range(5):
+        assert one.step_cost(d) == pytest.approx((0.9 + 0.8 + 0.1 * d) / 1.7)
     flat = BatchedCost(_linear_cost(1.0, 0.0), 8)  # a GPU-like curve: nothing changes
     assert flat.step_cost(3) == pytest.approx(1.0)
     # nothing timed at two sizes yet: the prior is a lone request's slope, read per row (the
