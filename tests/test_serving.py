@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import cpu_cost_curve, reference_greedy, repetitive_prompts, tiny_llama
+from tiny_models import admit, cpu_cost_curve, reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug.adapters.vllm import PROPOSER, fixed_cpu_expand, translate_speculative_config
 from specplug.config import SpecConfig
@@ -29,13 +29,8 @@ def serve(target, proposer: ChainProposer, prompts: list[list[int]], max_new: in
     serve.batch_changes = 0
     previous: list[int] = []
     while waiting or running:
-        while waiting and len(running) < slots:
-            i = waiting.pop(0)
-            first = int(target(torch.tensor([tokens[i]])).logits[0, -1].argmax())
-            tokens[i].append(first)
-            new[i].append(first)
-            committed[i] = [first]
-            running.append(i)
+        for i in admit(target, waiting, running, slots, tokens, new):
+            committed[i] = new[i][-1:]
         if step % shuffle_every == shuffle_every - 1:
             running.reverse()
         serve.batch_changes += running != previous

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import reference_greedy, repetitive_prompts, tiny_llama
+from tiny_models import admit, reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug.adapters.sglang import (
     CONFIG_ENV,
@@ -109,12 +109,7 @@ def serve_trees(target, proposer: ServingProposer, prompts: list[list[int]], max
     waiting, running, step = list(range(len(prompts))), [], 0
     serve_trees.accepted = serve_trees.branched = 0
     while waiting or running:
-        while waiting and len(running) < slots:
-            i = waiting.pop(0)
-            first = int(target(torch.tensor([tokens[i]])).logits[0, -1].argmax())
-            tokens[i].append(first)
-            new[i].append(first)
-            running.append(i)
+        admit(target, waiting, running, slots, tokens, new)
         if step % 4 == 3:
             running.reverse()
         histories = [list(tokens[i]) for i in running]

@@ -227,3 +227,20 @@ def cpu_cost_curve(per_token: float = 0.0094):
         for _ in range(3):
             cost.observe(n, 0.047 + per_token * (n - 1))
     return cost
+
+
+@torch.no_grad()
+def admit(target, waiting: list[int], running: list[int], slots: int,
+          tokens: dict[int, list[int]], new: dict[int, list[int]]) -> list[int]:
+    """A toy engine's admission: waiting requests take free slots and are prefilled (their
+    first token is the target's greedy one, appended to ``tokens`` and ``new``). Returns the
+    admitted request ids."""
+    admitted = []
+    while waiting and len(running) < slots:
+        i = waiting.pop(0)
+        first = int(target(torch.tensor([tokens[i]])).logits[0, -1].argmax())
+        tokens[i].append(first)
+        new[i].append(first)
+        running.append(i)
+        admitted.append(i)
+    return admitted
