@@ -71,24 +71,18 @@ def worker_class() -> type:
                 max_context=model_config.context_len, engine="SGLang", trees=True,
                 max_nodes=self.draft_token_num - 1, scores_every_slot=True)
             self.ngram_corpus = _NoCorpus(self.proposer.reset)
-            self._lengths: dict[Any, int] = {}  # per request id: history length last drafted
 
         def clear_cache_pool(self) -> None:
             self.proposer.reset()
-            self._lengths = {}
 
         def _prepare_draft_tokens(self, batch: Any) -> tuple[Any, Any]:
             """Per request, its tree in NGRAM's layout: tokens ``[bs * W]`` and the ancestor
             mask ``[bs * W * W]`` (numpy, as ``NGRAMWorker`` copies them in)."""
             from specplug.adapters.sglang_format import sglang_verify_tree
 
-            rids = [req.rid for req in batch.reqs]
             histories = [list(req.origin_input_ids_unpadded) + list(req.output_ids)
                          for req in batch.reqs]
-            committed = [h[self._lengths[rid]:] if 0 < self._lengths.get(rid, 0) < len(h)
-                         else h[-1:] for rid, h in zip(rids, histories)]
-            tree = self.proposer.draft(histories, committed, rids)
-            self._lengths = {rid: len(h) for rid, h in zip(rids, histories)}
+            tree = self.proposer.draft(histories, rids=[req.rid for req in batch.reqs])
             tokens, mask = sglang_verify_tree([h[-1] for h in histories], tree,
                                               self.draft_token_num)
             return tokens.numpy(), mask.numpy()

@@ -132,7 +132,8 @@ class ServingProposer:
         flushed its cache)."""
         self._rows = self._rids = self._scored = self._tree = None
 
-    def draft(self, histories: Sequence[Sequence[int]], committed: Sequence[Sequence[int]],
+    def draft(self, histories: Sequence[Sequence[int]],
+              committed: Sequence[Sequence[int]] | None = None,
               rids: Sequence[Any] | None = None) -> DraftTree:
         """One draft per row.
 
@@ -142,18 +143,24 @@ class ServingProposer:
                 draft's root).
             committed: per row, the tokens the engine committed for it in the step that just
                 ran (accepted drafts then the target's own token); empty for a row the engine
-                asks no draft for (still prefilling, finished, or at its length limit).
+                asks no draft for (still prefilling, finished, or at its length limit). None
+                with ``rids``: every row drafts, and a request's committed tokens are what its
+                history gained since this proposer last saw its id.
             rids: per row, the engine's request id (None: rows are matched by history).
 
         Returns:
             ``DraftTree`` of ``[B, N]`` tensors: per row ``num_nodes[b]`` draft tokens with
             their parents (-1: the root); on chain engines each row is a chain.
         """
-        if len(histories) != len(committed):
-            raise ValueError(f"{len(histories)} histories but {len(committed)} committed lists")
         if rids is not None and len(rids) != len(histories):
             raise ValueError(f"{len(histories)} histories but {len(rids)} request ids")
         rows = [list(h) for h in histories]
+        if committed is None:
+            if rids is None:
+                raise ValueError("committed tokens are needed where rows have no request ids")
+            committed = self._committed_since(rows, list(rids))
+        if len(histories) != len(committed):
+            raise ValueError(f"{len(histories)} histories but {len(committed)} committed lists")
         done = [list(c) for c in committed]
         active = [bool(c) and bool(h) for h, c in zip(rows, done)]
         if not any(active):
@@ -197,6 +204,13 @@ class ServingProposer:
         self._scored = sum(n + 1 for n, a in zip(counts, active) if a)
         self._returned_at = time.perf_counter()
         return tree
+
+    def _committed_since(self, rows: list[list[int]], rids: list[Any]) -> list[list[int]]:
+        """Per row, the tokens its history gained since last step's row of the same id (just
+        the root for an id not seen, or one whose history did not grow)."""
+        seen = dict(zip(self._rids or [], (len(r) for r in self._rows or [])))
+        return [r[seen[rid]:] if 0 < seen.get(rid, 0) < len(r) else r[-1:]
+                for r, rid in zip(rows, rids)]
 
     def _accept(self, sources: list[int | None], rows: list[list[int]],
                 done: list[list[int]]) -> None:

@@ -100,12 +100,12 @@ def test_a_tree_wider_than_sglangs_slots_is_refused():
 def serve_trees(target, proposer: ServingProposer, prompts: list[list[int]], max_new: list[int],
                 width: int, slots: int = 3) -> list[list[int]]:
     """A toy SGLang: requests with ids join as slots free up and are reordered; each step
-    the proposer's trees are laid out in SGLang's slots, every slot is scored after its path
-    from the root (read off the ancestor mask, as SGLang's attention reads it), and the tree
-    is walked greedily through first children and next siblings (``verify_tree_greedy``)."""
+    the proposer drafts by request id alone (as the SGLang worker asks), its trees are laid
+    out in SGLang's slots, every slot is scored after its path from the root (read off the
+    ancestor mask, as SGLang's attention reads it), and the tree is walked greedily through
+    first children and next siblings (``verify_tree_greedy``)."""
     tokens = {i: list(p) for i, p in enumerate(prompts)}
     new: dict[int, list[int]] = {i: [] for i in tokens}
-    seen: dict[int, int] = {}  # per request: its length when last drafted
     waiting, running, step = list(range(len(prompts))), [], 0
     serve_trees.accepted = serve_trees.branched = 0
     while waiting or running:
@@ -113,9 +113,7 @@ def serve_trees(target, proposer: ServingProposer, prompts: list[list[int]], max
         if step % 4 == 3:
             running.reverse()
         histories = [list(tokens[i]) for i in running]
-        committed = [tokens[i][seen[i]:] if i in seen else tokens[i][-1:] for i in running]
-        tree = proposer.draft(histories, committed, rids=[f"req-{i}" for i in running])
-        seen = {i: len(tokens[i]) for i in running}
+        tree = proposer.draft(histories, rids=[f"req-{i}" for i in running])
         flat, mask = sglang_verify_tree([h[-1] for h in histories], tree, width)
         links = sglang_links(mask, torch.tensor([len(h) - 1 for h in histories]), width)
         flat = flat.view(-1, width)
@@ -185,6 +183,8 @@ def test_rows_are_matched_by_request_id():
     assert proposer._sources([b + [1], a + [2]], [[1], [2]], ["x", "a"]) == [None, 0]
     # an id whose history does not go on from where it was is a new request
     assert proposer._sources([a + [9, 9]], [[9]], ["a"]) == [None]
+    with pytest.raises(ValueError, match="request ids"):
+        proposer.draft([a], None)
 
 
 def test_accepted_path_follows_the_tokens_from_the_root():
