@@ -84,6 +84,10 @@ def sglang_spec_config(options: Mapping[str, Any]) -> Any:
     if not drafter:
         raise ValueError(f"{CONFIG_ENV}: 'drafter' is required, for example "
                          "{\"drafter\": \"ngram\"}")
+    if opts.get("tree", "chain") == "chain":
+        # SGLang scores every slot: a chain not sized here takes NGRAM's width, not the
+        # drafter's own default (32 for ngram, whose adaptive depth pays only where it is free)
+        opts.setdefault("num_speculative_tokens", DEFAULT_OPTIONS["num_speculative_tokens"])
     try:
         config = SpecConfig(method=drafter, **opts)
     except ValidationError as err:

@@ -208,6 +208,10 @@ def test_a_tree_larger_than_the_engines_slots_is_refused():
 def test_options_default_to_ngram_and_parse_from_json():
     default = config_from_env({})
     assert (default.method, default.tree, default.num_speculative_tokens) == ("ngram", "chain", 11)
+    # a chain not sized takes SGLang's NGRAM width, not ngram's own 32
+    assert config_from_env({CONFIG_ENV: '{"drafter": "ngram"}'}).num_speculative_tokens == 11
+    sized = config_from_env({CONFIG_ENV: '{"drafter": "ngram", "num_speculative_tokens": 4}'})
+    assert sized.num_speculative_tokens == 4
     config = config_from_env({CONFIG_ENV: json.dumps({"drafter": "ngram", "tree": "dynamic",
                                                      "tree_budget": 6})})
     assert (config.method, config.tree, config.tree_budget) == ("ngram", "dynamic", 6)
