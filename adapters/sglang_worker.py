@@ -38,6 +38,13 @@ class _NoCorpus:
                          "corpora are a feature of --speculative-algorithm NGRAM")
 
 
+def _prompt_ids(req: Any) -> Any:
+    """A request's prompt tokens: ``origin_input_ids_unpadded`` from SGLang 0.5.2x (the ids
+    before multimodal padding), ``origin_input_ids`` before it."""
+    ids = getattr(req, "origin_input_ids_unpadded", None)
+    return req.origin_input_ids if ids is None else ids
+
+
 def worker_class() -> type:
     """``SpecplugWorker``, a subclass of SGLang's ``NGRAMWorker``.
 
@@ -59,13 +66,15 @@ def worker_class() -> type:
     class SpecplugWorker(NGRAMWorker):
         """SGLang's NGRAM worker drafting with specplug (see the module docstring)."""
 
-        def __init__(self, server_args: Any, gpu_id: int, nccl_port: int,
-                     target_worker: Any):
-            super().__init__(server_args, gpu_id, nccl_port, target_worker)
+        def __init__(self, *args: Any, **kwargs: Any):
+            # NGRAMWorker's own arguments, whose list changed between SGLang releases
+            # (0.5.23: server_args, gpu_id, nccl_port, target_worker; 0.5.15 adds a
+            # ParallelState before nccl_port): passed through as SGLang gives them
+            super().__init__(*args, **kwargs)
             from specplug.adapters.sglang import config_from_env
             from specplug.serving import ServingProposer
 
-            model_config = target_worker.model_runner.model_config
+            model_config = self.model_runner.model_config
             self.proposer = ServingProposer(
                 config_from_env(), vocab_size=model_config.vocab_size,
                 max_context=model_config.context_len, engine="SGLang", trees=True,
@@ -80,8 +89,7 @@ def worker_class() -> type:
             mask ``[bs * W * W]`` (numpy, as ``NGRAMWorker`` copies them in)."""
             from specplug.adapters.sglang_format import sglang_verify_tree
 
-            histories = [list(req.origin_input_ids_unpadded) + list(req.output_ids)
-                         for req in batch.reqs]
+            histories = [list(_prompt_ids(req)) + list(req.output_ids) for req in batch.reqs]
             tree = self.proposer.draft(histories, rids=[req.rid for req in batch.reqs])
             tokens, mask = sglang_verify_tree([h[-1] for h in histories], tree,
                                               self.draft_token_num)
