@@ -169,6 +169,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     specs = [BASELINE] + [m for m in args.methods.split(";" if ";" in args.methods else " ")
                           if m and m != BASELINE]
+    if any(s.startswith("sglang:") for s in specs) and "sglang:none" not in specs:
+        # SGLang's CPU engines are bf16: their outputs are checked against SGLang without
+        # speculation, never against the float32 baseline
+        specs.insert(1, "sglang:none")
     model_dir = str(resolve_model_dir(args.model))
     methods = []
     try:
@@ -200,8 +204,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     bad.update({f"{m} (x{concurrent['concurrency']})": s["mismatches"]
                 for m, s in (concurrent or {}).get("methods", {}).items() if s["mismatches"]})
     if bad:
-        print(f"ERROR: outputs differ from their reference ({BASELINE}, or vllm:none for "
-              f"vLLM methods): {bad}", file=sys.stderr)
+        print(f"ERROR: outputs differ from their reference ({BASELINE}, or vllm:none and "
+              f"sglang:none for engine methods): {bad}", file=sys.stderr)
         return 3
     return 0
 
@@ -290,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer_skip:layers=8, ...) and baselines hf:greedy, "
                         "hf:prompt_lookup[:K], hf:early_exit[:LAYER], hf:assisted:model=NAME, "
                         "real vLLM engines vllm:none, vllm:ngram[:K], "
-                        "vllm:specplug:DRAFTER[:KEY=VALUE,...] (docs/vllm.md); "
-                        "hf:greedy always runs first")
+                        "vllm:specplug:DRAFTER[:KEY=VALUE,...] (docs/vllm.md), real SGLang "
+                        "engines sglang:none, sglang:ngram, sglang:specplug:DRAFTER[:...] "
+                        "(docs/sglang.md); hf:greedy always runs first, and sglang:none "
+                        "with any sglang: method (their bf16 reference)")
     b.add_argument("--prompts", default="benchmarks/prompts.jsonl",
                    help="JSONL in the MT-bench question format")
     b.add_argument("--limit", type=int, default=None, help="first N questions per category")
@@ -300,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="interleaved repeats (median time)")
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--concurrency", type=int, default=8,
-                   help="requests in flight for the engines' (vllm:...) throughput run")
+                   help="requests in flight for the engines' (vllm:, sglang:) throughput run")
     b.add_argument("--out", required=True, help="folder for results.json, results.md, plots")
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true")

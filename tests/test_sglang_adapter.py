@@ -250,3 +250,51 @@ def test_server_args_get_what_the_tree_needs(monkeypatch):
                                         ("0.5.15+dev", True)])
 def test_supported_versions(version, ok):
     assert supported(version) is ok
+
+
+# ---------------------------------------------------------------- bench methods (sglang:...)
+
+
+def test_bench_methods_name_their_engine_jobs():
+    from specplug.bench.sglang_methods import sglang_engine_job
+
+    assert sglang_engine_job("none", "M") == ({"model": "M", "algorithm": None, "engine": {}},
+                                               None)
+    assert sglang_engine_job("ngram", "M")[0]["algorithm"] == "NGRAM"
+    job, options = sglang_engine_job("specplug:ngram:tree=dynamic,tree_budget=6", "M")
+    assert job["algorithm"] == "SPECPLUG"
+    assert options == {"drafter": "ngram", "tree": "dynamic", "tree_budget": 6}
+
+
+@pytest.mark.parametrize("rest,names", [
+    ("bogus", "unknown SGLang method 'sglang:bogus'"),
+    ("specplug", "unknown SGLang method"),
+    ("specplug:ngram:bogus=1", "bogus"),
+    ("specplug:eagle", "reads the target"),
+])
+def test_bad_bench_methods_are_refused_before_any_engine_starts(rest, names):
+    from specplug.bench.sglang_methods import sglang_engine_job
+
+    with pytest.raises(ValueError, match=names):
+        sglang_engine_job(rest, "M")
+
+
+def test_an_engine_method_without_an_engine_python_says_what_to_set(monkeypatch):
+    from specplug.bench.sglang_methods import ENGINE_PYTHON_ENV, SglangEngine
+
+    monkeypatch.delenv(ENGINE_PYTHON_ENV, raising=False)
+    with pytest.raises(ValueError, match=ENGINE_PYTHON_ENV):
+        SglangEngine({"model": "M", "algorithm": None, "engine": {}})
+
+
+@pytest.mark.parametrize("n,steps,correct,expected", [
+    (10, 0, 0, [0] * 9),            # no speculation: a step per token after the first
+    (10, 4, 5, [2, 1, 1, 1]),       # 1 + 4 steps + 5 accepted = 10 emitted
+    (10, 4, 9, [2, 1, 1, 1]),       # the last step counted drafts past max_new_tokens
+])
+def test_sglang_counters_become_steps_that_add_up_to_the_output(n, steps, correct, expected):
+    from specplug.bench.sglang_methods import accepted_per_step
+
+    got = accepted_per_step({"output_ids": list(range(n)), "spec_verify_ct": steps,
+                             "spec_num_correct_drafts": correct})
+    assert got == expected and 1 + len(got) + sum(got) == n

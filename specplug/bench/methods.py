@@ -4,7 +4,9 @@ Spec strings: ``NAME[:KEY=VALUE,...]`` for specplug methods (``ngram``,
 ``layer_skip:layers=8``, ``ngram:tree=dynamic,tree_budget=12``); ``hf:greedy``,
 ``hf:prompt_lookup[:K]``, ``hf:early_exit[:LAYER]``, ``hf:assisted:model=NAME`` for plain
 transformers; ``vllm:none``, ``vllm:ngram[:K]``, ``vllm:specplug:DRAFTER[:KEY=VALUE,...]`` for
-real vLLM engines (``specplug.bench.vllm_methods``).
+real vLLM engines (``specplug.bench.vllm_methods``); ``sglang:none``, ``sglang:ngram``,
+``sglang:specplug:DRAFTER[:KEY=VALUE,...]`` for real SGLang engines
+(``specplug.bench.sglang_methods``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class Method:
     Attributes:
         run: ``(prompt ids [1, L], max_new) -> MethodRun``, one request alone.
         reference: the method whose temperature-0 tokens this one must reproduce (None: the
-            baseline ``hf:greedy``); vLLM methods are checked against ``vllm:none``.
+            baseline ``hf:greedy``); vLLM methods are checked against ``vllm:none``, SGLang
+            methods against ``sglang:none``.
         batch: ``(prompts, max_new) -> tokens per prompt``, all submitted at once (engines
             that batch concurrent requests); None where not measured.
         close: releases what the method holds (an engine process).
@@ -127,7 +130,7 @@ def _specplug_method(name: str, model: Any, method: str, opts: dict[str, Any],
 def parse_method(spec: str, model: Any, load: Callable[[str], Any],
                  temperature: float = 0.0, model_dir: str | None = None) -> Method:
     """Build a runnable method from its spec string (see the module docstring);
-    ``model_dir``: the target's HF folder, for ``vllm:`` methods."""
+    ``model_dir``: the target's HF folder, for ``vllm:`` and ``sglang:`` methods."""
     head, _, rest = spec.partition(":")
     if head == "vllm":
         from specplug.bench.vllm_methods import vllm_method
@@ -135,6 +138,12 @@ def parse_method(spec: str, model: Any, load: Callable[[str], Any],
         if model_dir is None:
             raise ValueError(f"{spec}: vLLM methods need the target's model folder")
         return vllm_method(spec, model_dir, temperature)
+    if head == "sglang":
+        from specplug.bench.sglang_methods import sglang_method
+
+        if model_dir is None:
+            raise ValueError(f"{spec}: SGLang methods need the target's model folder")
+        return sglang_method(spec, model_dir, temperature)
     if head == "hf":
         return _hf_method(spec, model, rest, load, temperature)
     return _specplug_method(spec, model, head, parse_key_values(rest), load, temperature)
