@@ -100,6 +100,9 @@ class TreeBuilder(ABC):
 
     #: a resting row drafts again (a probe) after this many steps in a row without a draft
     PROBE_EVERY = 8
+    #: each probe that gains nothing doubles the row's wait before the next, up to this many
+    #: steps; a probe that gains resets it to ``PROBE_EVERY``
+    MAX_PROBE_EVERY = 16
     #: drafted row-steps seen before the lifetime gain is trusted to make a row rest
     MIN_EVIDENCE = 8
     #: a row rests after the drafter ran this many times in a row for it and drafted nothing
@@ -114,6 +117,10 @@ class TreeBuilder(ABC):
         self.gain = [0.0, 0.0, 0]
         self.idle_steps: list[int] = []  # per row: steps in a row it rested
         self.empty_runs: list[int] = []  # per row: drafter runs in a row that drafted nothing
+        self.probe_every: list[int] = []  # per row: steps between its probes while it rests
+        #: per row: its last build was a probe (0), its last probe gained nothing (-1), or
+        #: neither (1)
+        self.probe_state: list[int] = []
         #: every active row rested in the last build (the drafter did not run for any)
         self.all_rested = False
 
@@ -121,8 +128,11 @@ class TreeBuilder(ABC):
         """New requests in ``rows`` rows: forget what the last ones accepted per row."""
         self.correction.start(rows)
         self.beliefs = None
-        self.idle_steps = [0] * rows
-        self.empty_runs = [0] * rows
+        self._reset_rows(rows)
+
+    def _reset_rows(self, rows: int) -> None:
+        self.idle_steps, self.empty_runs = [0] * rows, [0] * rows
+        self.probe_every, self.probe_state = [self.PROBE_EVERY] * rows, [1] * rows
 
     def regroup(self, sources: list[int | None]) -> None:
         """The engine's batch changed: new row ``i`` is old row ``sources[i]`` going on (its
@@ -132,6 +142,9 @@ class TreeBuilder(ABC):
             self.beliefs = regroup_rows(self.beliefs, sources, list)
         self.idle_steps = regroup_rows(self.idle_steps, sources, int)
         self.empty_runs = regroup_rows(self.empty_runs, sources, int)
+        self.probe_every = regroup_rows(self.probe_every, sources,
+                                        lambda: self.PROBE_EVERY)
+        self.probe_state = regroup_rows(self.probe_state, sources, lambda: 1)
 
     def resting(self, ctx: DraftContext) -> list[bool]:
         """Per row: draft nothing this step, without running the drafter, because drafting
@@ -139,14 +152,15 @@ class TreeBuilder(ABC):
         ``EMPTY_RUNS`` times the drafter ran for the row, or what the row can expect to gain
         (the lifetime accepted tokens per row-step that drafted, times the row's request
         correction) does not pay for a typical tree plus the drafter's fixed cost
-        (``CostModel.draft_fixed``: a head's forward runs before it drafts anything). A
-        resting row probes every ``PROBE_EVERY`` steps, so a request whose text starts to
-        suit the drafter is found out. Rows rest only under an adaptive budget
-        (``self.cost``). The rule reads past outcomes only, never this step's draft, so under
-        sampling it is a stopping time and the output stays exact."""
+        (``CostModel.draft_fixed``: a head's forward runs before it drafts anything), or the
+        row's last probe gained nothing. A resting row probes after ``PROBE_EVERY`` steps, so
+        a request whose text starts to suit the drafter is found out; each probe that gains
+        nothing doubles the wait, up to ``MAX_PROBE_EVERY``. Rows rest only under an adaptive
+        budget (``self.cost``). The rule reads past outcomes only, never this step's draft,
+        so under sampling it is a stopping time and the output stays exact."""
         rows = len(ctx.tokens)
         if len(self.idle_steps) != rows:
-            self.idle_steps, self.empty_runs = [0] * rows, [0] * rows
+            self._reset_rows(rows)
         out = [False] * rows
         cost, (accepted, nodes, steps) = self.cost, self.gain
         if cost is None:
@@ -157,12 +171,23 @@ class TreeBuilder(ABC):
         for b in range(rows):
             if not ctx.active[b]:
                 continue
-            futile = self.empty_runs[b] >= self.EMPTY_RUNS
+            futile = self.empty_runs[b] >= self.EMPTY_RUNS or self.probe_state[b] < 0
             if price is not None:
                 futile = futile or 1.0 + accepted / steps * self.correction.factor(b) <= price
-            out[b] = futile and self.idle_steps[b] < self.PROBE_EVERY - 1
+            out[b] = futile and self.idle_steps[b] < self.probe_every[b] - 1
+            if futile and not out[b]:
+                self.probe_state[b] = 0  # this build is the row's probe
             self.idle_steps[b] = self.idle_steps[b] + 1 if out[b] else 0
         return out
+
+    def _probed(self, row: int, gained: bool) -> None:
+        """After verification of a probe of ``row``: wait longer before the next one if it
+        gained nothing, start again from ``PROBE_EVERY`` if it did."""
+        if gained:
+            self.probe_every[row], self.probe_state[row] = self.PROBE_EVERY, 1
+        else:
+            self.probe_every[row] = min(2 * self.probe_every[row], self.MAX_PROBE_EVERY)
+            self.probe_state[row] = -1
 
     def accept_p(self, row: int, belief: float) -> float:
         """What the budget rules take as the acceptance probability of a node of ``row``
@@ -211,6 +236,8 @@ class TreeBuilder(ABC):
             return
         for b, row in enumerate(self.beliefs):
             hit = set(accepted_nodes[b, :int(num_accepted[b])].tolist())
+            if b < len(self.probe_state) and self.probe_state[b] == 0:
+                self._probed(b, bool(hit))
             if row:  # what the calibrated beliefs predicted: E[accepted] = sum of P(accepted)
                 self.correction.observe(b, len(hit), sum(self.calibration(p) for p in row))
                 self.gain = [self.gain[0] + len(hit), self.gain[1] + len(row), self.gain[2] + 1]

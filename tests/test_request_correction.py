@@ -176,18 +176,22 @@ def _resting_run(monkeypatch, switch_at: float, head_ms: float):
     return drafter.rested, got.stats
 
 
-def test_a_drafter_that_cannot_pay_rests_and_probes(monkeypatch):
+def test_a_drafter_that_cannot_pay_rests_and_probes_less_and_less(monkeypatch):
     """Drafts that always miss, from a drafter whose every run costs a fifth of a step: after
     the evidence is in, the builder stops running the drafter at all (not only drafting
-    nothing), but for a probe at least every ``PROBE_EVERY`` steps; the output is the
-    target's greedy output."""
+    nothing), but for one probe after ``PROBE_EVERY`` steps; each probe that misses doubles
+    the wait, up to ``MAX_PROBE_EVERY``, and the row rests again straight after it. The output
+    is the target's greedy output."""
     rested, stats = _resting_run(monkeypatch, switch_at=2.0, head_ms=2.0)
-    late = rested[20:]
-    # a probe that drafts and misses costs up to three runs (the probe, then two that the
-    # lowered correction leaves empty), so at least two steps in three rest
-    assert len(late) >= 30 and sum(late) >= len(late) * 2 / 3
+    first_rest = rested.index(True)
+    assert first_rest <= 6  # a few drafted steps of evidence, then rest
+    late = rested[first_rest:]
     runs = [i for i, r in enumerate(late) if not r]
-    assert all(b - a <= TreeBuilder.PROBE_EVERY for a, b in zip(runs, runs[1:]))
+    gaps = [b - a for a, b in zip([-1] + runs, runs)]
+    assert len(runs) >= 3 and len(late) >= 60
+    assert gaps[0] == TreeBuilder.PROBE_EVERY  # the first probe after PROBE_EVERY steps
+    assert all(g == TreeBuilder.MAX_PROBE_EVERY for g in gaps[1:])  # then doubled, capped
+    assert sum(late) >= len(late) * 0.9  # one drafter run in every 16 steps or fewer
 
 
 def test_a_drafter_that_pays_never_rests(monkeypatch):
