@@ -373,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
 
         with torch.no_grad():  # inference commands; scoped, so callers' grad mode is kept
             return args.func(args)
-    except (ValueError, NotImplementedError, FloatingPointError, ImportError) as err:
+    except (ValueError, NotImplementedError, FloatingPointError, ImportError, OSError) as err:
+        # every input problem (SpecplugError is a ValueError) and every file the user named
+        # that cannot be read or written: one line, exit 2, no traceback
         print(f"specplug: error: {err}", file=sys.stderr)
         return 2
 

@@ -160,7 +160,9 @@ def _file_lock(path: Path) -> Iterator[None]:
     """Hold an inter-process lock on ``path`` (created if needed) for the ``with`` body."""
     from filelock import FileLock  # a dependency of huggingface_hub, hence of transformers
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from specplug.errors import writable_dir
+
+    writable_dir(path.parent)  # a read-only cache fails here, naming SPECPLUG_CACHE_DIR
     with FileLock(str(path)):
         yield
 
@@ -432,7 +434,6 @@ def _ensure_converted(spec: ModelSpec) -> Path:
     target = model_cache_dir(spec.name)
     if _is_cache_valid(target, fingerprint):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{spec.name}.lock"):
         if not _is_cache_valid(target, fingerprint):  # another process may have just finished
             _build_cache(spec, target, fingerprint)

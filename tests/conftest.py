@@ -24,3 +24,14 @@ def tiny_model(request):
     from tiny_models import MODELS
 
     return request.param, MODELS[request.param](0)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> str:
+    """A tiny Llama and its tokenizer saved as an HF folder, for the CLI's ``--model``."""
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)

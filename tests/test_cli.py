@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import WORDS, tiny_llama, tiny_tokenizer
+from tiny_models import WORDS, tiny_llama
 
 from specplug.cli import main
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama(0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
+def folder(tiny_folder):
+    return tiny_folder
 
 
 PROMPT = " ".join(WORDS[i % 5] for i in range(30))

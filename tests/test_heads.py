@@ -10,6 +10,7 @@ from tiny_models import VOCAB, chisquare_pvalue, reference_greedy, repetitive_pr
 
 from specplug import SpecConfig
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
+from specplug.errors import InputFileError
 from specplug.heads.checkpoint import load_head, save_head
 from specplug.heads.config import HEAD_KINDS, HeadConfig
 from specplug.heads.nets import build_net
@@ -242,7 +243,7 @@ def test_bad_checkpoints_fail_clearly(tmp_path, llama):
     (tmp_path / "pickled" / "config.json").write_text((tmp_path / "ok" / "config.json")
                                                       .read_text())
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(FileNotFoundError, match="pickle checkpoints are never loaded"):
+    with pytest.raises(InputFileError, match="pickle checkpoints are never loaded"):
         load_head(tmp_path / "pickled")
     with pytest.raises(ValueError, match="no shipped 'medusa' head for this target"):
         Speculator.from_config(SpecConfig(method="medusa"), llama)
@@ -313,5 +314,5 @@ def test_loads_a_safeailab_eagle_folder(tmp_path, llama):
         b = net.train_forward(f[None], ids[None], torch.ones(1, 10, dtype=torch.bool))
     torch.testing.assert_close(a["logits"][0], b["logits"][0])
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="pickle checkpoints are never loaded"):
+    with pytest.raises(InputFileError, match="pickle checkpoints are never loaded"):
         load_head(tmp_path)

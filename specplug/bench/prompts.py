@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from specplug.errors import InputFileError, read_text
+
 __all__ = ["Question", "load_questions"]
 
 
@@ -24,25 +26,26 @@ def load_questions(path: str | Path, limit: int | None = None,
     questions of each category.
 
     Raises:
-        ValueError: naming the line and the missing or malformed field.
+        InputFileError: the file is missing or unreadable, or naming the line and the
+            missing or malformed field.
     """
     out: list[Question] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "prompts file").splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not JSON ({err})") from None
+            raise InputFileError(f"{path}:{n}: not JSON ({err})") from None
         for key in ("question_id", "category", "turns"):
-            if key not in obj:
-                raise ValueError(f"{path}:{n}: missing field {key!r} (MT-bench format: "
-                                 "question_id, category, turns)")
+            if not isinstance(obj, dict) or key not in obj:
+                raise InputFileError(f"{path}:{n}: missing field {key!r} (MT-bench format: "
+                                     "question_id, category, turns)")
         turns = obj["turns"]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t
                                                                for t in turns):
-            raise ValueError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
+            raise InputFileError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
         cat = str(obj["category"])
         if categories and cat not in categories:
             continue
@@ -51,5 +54,5 @@ def load_questions(path: str | Path, limit: int | None = None,
         seen[cat] = seen.get(cat, 0) + 1
         out.append(Question(obj["question_id"], cat, tuple(turns)))
     if not out:
-        raise ValueError(f"{path}: no questions selected")
+        raise InputFileError(f"{path}: no questions selected")
     return out

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -36,26 +35,36 @@ def load_head(folder: str | os.PathLike[str]) -> DraftNet:
     """Load a head saved by ``save_head``, or a published Medusa / EAGLE head in its authors'
     layout (``specplug.heads.foreign``), as float32 on CPU. Raises a clear error on a folder
     that is no head, a pickle checkpoint, or weights that do not fit the config."""
-    from safetensors.torch import load_file
+    from pydantic import ValidationError
+
+    from specplug.errors import InputFileError, load_safetensors, read_json
 
     path = Path(folder)
+    if not path.is_dir():
+        raise InputFileError(f"head checkpoint {path}: no such folder (expected one holding "
+                             f"{', '.join(CHECKPOINT_FILES)}, as `specplug train --out` writes)")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a head checkpoint: no config.json "
-                                f"(expected {', '.join(CHECKPOINT_FILES)})")
-    raw = json.loads((path / "config.json").read_text())
+        raise InputFileError(f"{path} is not a head checkpoint: no config.json "
+                             f"(expected {', '.join(CHECKPOINT_FILES)})")
+    raw = read_json(path / "config.json", "head config")
+    if not isinstance(raw, dict):
+        raise InputFileError(f"head config {path / 'config.json'}: not a JSON object")
     if raw.get("format") != "specplug-head":
         from specplug.heads.foreign import load_foreign
 
         return load_foreign(path)  # FasterDecoding/Medusa or SafeAILab/EAGLE layouts
-    config = HeadConfig.model_validate(raw)
+    try:
+        config = HeadConfig.model_validate(raw)
+    except ValidationError as err:
+        raise InputFileError(f"head config {path / 'config.json'}: {err}") from None
     weights = path / "model.safetensors"
     if not weights.is_file():
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = (f" ({', '.join(pickles)} found: pickle checkpoints are never loaded; convert "
                 "them to safetensors)") if pickles else ""
-        raise FileNotFoundError(f"{path}: no model.safetensors{hint}")
+        raise InputFileError(f"{path}: no model.safetensors{hint}")
     state = {k: v.float() if v.is_floating_point() else v
-             for k, v in load_file(str(weights)).items()}
+             for k, v in load_safetensors(weights, "head weights").items()}
     net = build_net(config, state.get("draft_vocab"))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from specplug.errors import InputFileError, read_json
 from specplug.heads.config import HeadConfig
 from specplug.heads.nets import DraftNet, EagleNet, MedusaNet
 
@@ -25,21 +25,22 @@ __all__ = ["load_foreign", "load_medusa", "load_eagle"]
 
 
 def _safetensors(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from specplug.errors import load_safetensors
 
     for name in names:
         if (path / name).is_file():
-            return {k: v.float() for k, v in load_file(str(path / name)).items()}
+            return {k: v.float()
+                    for k, v in load_safetensors(path / name, "head weights").items()}
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".bin", ".pth"))
     hint = (f"; found {', '.join(pickles)}: pickle checkpoints are never loaded, convert them "
             "to safetensors first") if pickles else ""
-    raise FileNotFoundError(f"{path}: none of {', '.join(names)}{hint}")
+    raise InputFileError(f"{path}: none of {', '.join(names)}{hint}")
 
 
 def load_medusa(folder: str | os.PathLike[str]) -> MedusaNet:
     """A FasterDecoding/Medusa head folder -> ``MedusaNet`` with its own LM heads."""
     path = Path(folder)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json", "head config")
     heads = int(cfg.get("medusa_num_heads", 0))
     layers = int(cfg.get("medusa_num_layers", 1))
     if heads < 1:
@@ -68,7 +69,7 @@ def load_medusa(folder: str | os.PathLike[str]) -> MedusaNet:
 def load_eagle(folder: str | os.PathLike[str]) -> EagleNet:
     """A SafeAILab/EAGLE (EAGLE-1/2) draft folder -> ``EagleNet``."""
     path = Path(folder)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json", "head config")
     state = _safetensors(path, ("model.safetensors",))
     if "fc.weight" not in state or "layers.0.self_attn.q_proj.weight" not in state:
         raise ValueError(f"{path}: no fc.weight / layers.0.* in the weights: not an EAGLE-1/2 "
@@ -98,7 +99,7 @@ def load_eagle(folder: str | os.PathLike[str]) -> EagleNet:
 def load_foreign(folder: str | os.PathLike[str]) -> DraftNet:
     """Detect the layout of ``folder`` (Medusa or EAGLE) and load it."""
     path = Path(folder)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json", "head config")
     if "medusa_num_heads" in cfg:
         return load_medusa(path)
     if "hidden_size" in cfg and "num_attention_heads" in cfg:  # a Llama config: EAGLE

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from specplug.errors import InputFileError, read_text
+
 __all__ = ["SEED_TASKS", "Sequence", "load_prompts", "expand_prompts", "generate_responses",
            "extract_features", "load_image_prompts", "image_prompt_text", "multimodal_examples"]
 
@@ -52,19 +54,26 @@ def _prompt_of(obj: Any) -> str | None:
     return None
 
 
+def _json_line(path: str | Path, n: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"{path}:{n}: not JSON ({err.msg} at column {err.colno})") from None
+
+
 def load_prompts(path: str | Path) -> list[str]:
     """Prompts from JSONL (objects with ``instruction``/``prompt``/``text``/``turns``) or plain
     text (one prompt per non-empty line)."""
     out: list[str] = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(read_text(path, "training data").splitlines(), 1):
         line = line.strip()
         if not line:
             continue
         if line.startswith("{"):
-            p = _prompt_of(json.loads(line))
+            p = _prompt_of(_json_line(path, n, line))
             if p is None:
-                raise ValueError(f"{path}: a JSONL line has none of instruction/prompt/text/"
-                                 "turns")
+                raise InputFileError(f"training data {path}:{n}: the line has none of "
+                                     "instruction/prompt/text/turns")
             out.append(p)
         else:
             out.append(line)
@@ -189,16 +198,16 @@ def load_image_prompts(path: str | Path) -> list[tuple[Path, str]]:
     (relative paths are relative to the JSONL file)."""
     base = Path(path).resolve().parent
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "image data").splitlines(), 1):
         if not line.strip():
             continue
-        obj = json.loads(line)
-        if "image" not in obj or "prompt" not in obj:
-            raise ValueError(f"{path}:{n}: an image-prompt line needs 'image' and 'prompt'")
+        obj = _json_line(path, n, line)
+        if not isinstance(obj, dict) or "image" not in obj or "prompt" not in obj:
+            raise InputFileError(f"{path}:{n}: an image-prompt line needs 'image' and 'prompt'")
         image = Path(obj["image"])
         out.append((image if image.is_absolute() else base / image, str(obj["prompt"])))
     if not out:
-        raise ValueError(f"{path}: no image prompts")
+        raise InputFileError(f"{path}: no image prompts")
     return out
 
 

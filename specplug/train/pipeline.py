@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from specplug.errors import SpecplugError
 from specplug.heads.config import HeadConfig
 from specplug.multimodal import media_token_ids
 from specplug.train.data import (
@@ -64,16 +65,27 @@ def _digest(model_dir: str, ds: DataSettings, prompts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def training_prompts(ds: DataSettings) -> list[str]:
+    """The prompts ``ds`` names: the shipped seed tasks (unless turned off) and each data file.
+
+    Raises:
+        InputFileError: a data file is missing or malformed, naming the file and line.
+        SpecplugError: no prompts at all.
+    """
+    prompts: list[str] = load_prompts(SEED_TASKS) if ds.seed_tasks else []
+    for f in ds.data or []:
+        prompts += load_prompts(f)
+    if not prompts:
+        raise SpecplugError("no training prompts: pass --data FILE or keep the seed tasks")
+    return prompts
+
+
 def build_dataset(model: Any, tokenizer: Any, model_name: str, ds: DataSettings,
                   cache: Path, progress: bool = True) -> tuple[list[Example], list[int]]:
     """Examples (cached under ``cache``) and, per example, the index of its prompt."""
     from safetensors.torch import load_file, save_file
 
-    prompts: list[str] = load_prompts(SEED_TASKS) if ds.seed_tasks else []
-    for f in ds.data or []:
-        prompts += load_prompts(f)
-    if not prompts:
-        raise ValueError("no training prompts: pass --data FILE or keep the seed tasks")
+    prompts = training_prompts(ds)
     key = _digest(model_name, ds, prompts)
     folder = cache / key
     if (folder / "examples.safetensors").is_file():
@@ -174,6 +186,11 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     t0 = time.perf_counter()
     data = data or DataSettings()
     settings = settings or TrainSettings.for_kind(kind)
+    training_prompts(data)  # a bad data file fails here, before --out is created
+    if image_data is not None:
+        from specplug.train.data import load_image_prompts
+
+        load_image_prompts(image_data)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(model_name)

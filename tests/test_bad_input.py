@@ -1,0 +1,174 @@
+"""Bad files and folders, one row per case: each gets a ``SpecplugError`` naming the file and
+the fix before any work starts, and the CLI prints one line and exits 2 (no traceback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny_models import VOCAB
+
+from specplug.cli import main
+from specplug.errors import CacheDirError, InputFileError, SpecplugError
+from specplug.heads.checkpoint import load_head, save_head
+from specplug.heads.config import HeadConfig
+from specplug.heads.nets import build_net
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_folder):
+    return tiny_folder
+
+
+GOOD_QUESTION = json.dumps({"question_id": 1, "category": "qa", "turns": ["hello"]})
+
+# (file contents or None for a missing file, what the message must say)
+PROMPT_FILES = [
+    (None, "no such file (check the path)"),
+    (b"\xff\xfe not text\n", "not UTF-8 text (byte 0)"),
+    (f"{GOOD_QUESTION}\n{{oops\n".encode(), ":2: not JSON"),
+    (b'{"question_id": 1, "category": "qa"}\n', ":1: missing field 'turns'"),
+    (b"[1, 2]\n", ":1: missing field 'question_id'"),
+    (b'{"question_id": 1, "category": "qa", "turns": []}\n', "'turns' must be a non-empty"),
+    (b"\n\n", "no questions selected"),
+]
+
+
+def _cli(capsys, args: list[str]) -> str:
+    """Run the CLI, check it refused with exit 2 and one line, return that line."""
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def _write(path: Path, content: bytes | None) -> Path:
+    if content is not None:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("content, needle", PROMPT_FILES)
+def test_bench_prompts_file(folder, tmp_path, capsys, content, needle):
+    path = _write(tmp_path / "prompts.jsonl", content)
+    err = _cli(capsys, ["bench", "--model", folder, "--prompts", str(path), "--methods",
+                        "ngram", "--out", str(tmp_path / "out")])
+    assert str(path) in err and needle in err
+    assert not (tmp_path / "out").exists()
+
+
+TRAIN_FILES = [
+    (None, "no such file (check the path)"),
+    (b'{"instruction": "a"}\n{bad json\n', ":2: not JSON"),
+    (b'{"answer": "no prompt here"}\n', ":1: the line has none of instruction/prompt/text"),
+    (b"\xe9t\xe9\n", "not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("content, needle", TRAIN_FILES)
+def test_train_data_file_leaves_no_out_folder(folder, tmp_path, capsys, content, needle):
+    data = _write(tmp_path / "data.jsonl", content)
+    out = tmp_path / "head"
+    err = _cli(capsys, ["train", "--model", folder, "--drafter", "medusa", "--data", str(data),
+                        "--out", str(out), "--no-progress"])
+    assert str(data) in err and needle in err
+    assert not out.exists()  # nothing half-made left behind
+
+
+def test_train_with_no_prompts_at_all(folder, tmp_path, capsys):
+    rc = main(["train", "--model", folder, "--drafter", "medusa", "--no-seed-tasks",
+               "--out", str(tmp_path / "head"), "--no-progress"])
+    assert rc == 2 and "no training prompts: pass --data FILE" in capsys.readouterr().err
+    assert not (tmp_path / "head").exists()
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    config = HeadConfig(kind="medusa", hidden_size=32, vocab_size=VOCAB, draft_vocab_size=VOCAB,
+                        num_heads=2)
+    folder = tmp_path_factory.mktemp("head")
+    save_head(build_net(config), folder)
+    return folder
+
+
+def _truncate(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+def _bad_header(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[8:12] = b"\xff\xfe\xff\xfe"  # inside the JSON header
+    weights.write_bytes(bytes(raw))
+
+
+def _bad_config(folder: Path) -> None:
+    (folder / "config.json").write_text('{"kind": "medusa",\n "hidden_size": }')
+
+
+def _config_of_wrong_type(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_heads"] = "four"
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _no_folder(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder)
+
+
+def _pickle_only(folder: Path) -> None:
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+
+CHECKPOINTS = [
+    (_truncate, "model.safetensors: not a complete safetensors file"),
+    (_bad_header, "model.safetensors: not a complete safetensors file"),
+    (_bad_config, "config.json: not valid JSON at line 2 column"),
+    (_config_of_wrong_type, "config.json: 1 validation error"),
+    (_no_folder, "no such folder"),
+    (_pickle_only, "pickle checkpoints are never loaded"),
+]
+
+
+@pytest.mark.parametrize("damage, needle", CHECKPOINTS, ids=lambda v: getattr(v, "__name__", ""))
+def test_damaged_head_checkpoint(head, tmp_path, damage, needle):
+    import shutil
+
+    copy = tmp_path / "head"
+    shutil.copytree(head, copy)
+    damage(copy)
+    with pytest.raises(InputFileError, match=needle.replace("(", r"\(")) as info:
+        load_head(copy)
+    assert str(copy) in str(info.value)
+
+
+def test_damaged_head_from_the_cli(folder, head, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "head"
+    shutil.copytree(head, copy)
+    _truncate(copy)
+    rc = main(["run", "--model", folder, "--method", "medusa", "--option",
+               f"checkpoint={copy}", "--prompt", "hello"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a complete safetensors file" in err and "Traceback" not in err
+
+
+def test_unwritable_cache_dir_names_the_variable(tmp_path, monkeypatch, capsys):
+    """The cache path runs into a file (what a read-only mount gives a root user too: the
+    folder cannot be made), so converting a known model cannot start."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPECPLUG_CACHE_DIR", str(blocker / "cache"))
+    from specplug.models import _file_lock
+
+    lock = blocker / "cache" / "models" / ".x.lock"
+    with (pytest.raises(CacheDirError, match="set SPECPLUG_CACHE_DIR to a writable folder"),
+          _file_lock(lock)):
+        pass
+    assert issubclass(CacheDirError, SpecplugError) and issubclass(SpecplugError, ValueError)
