@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -19,6 +20,41 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return parse_key_value(text, "--option")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _int_at_least(low: int) -> Any:
+    """An argparse ``type``: a whole number ``>= low``, refused with the value and the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, low_open: bool = False) -> Any:
+    """An argparse ``type``: a finite number in ``[low, high]`` (``(low, high]`` if
+    ``low_open``), refused with the value and the range."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or value > high:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a number in {bounds}, got {text}")
+        return value
+    return parse
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty: pass some text")
+    return text
 
 
 def _machine() -> str:
@@ -156,8 +192,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from specplug.bench.report import concurrent_table, markdown_table, write_results
     from specplug.models import load_model, resolve_model_dir
 
-    if args.concurrency < 1:
-        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     questions = load_questions(args.prompts, args.limit, args.categories)
     model, tokenizer = load_model(args.model)
     loaded: dict[str, Any] = {}
@@ -268,20 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m | gemma3-270m | a local HF folder")
     r.add_argument("--method", default="ngram", help="drafter name (ngram, draft_model, ...)")
-    r.add_argument("--num-speculative-tokens", type=int, default=None)
+    r.add_argument("--num-speculative-tokens", type=_int_at_least(1), default=None)
     r.add_argument("--tree", default=None,
                    help="chain | static:[[0],[1],[0,0]] | dynamic:budget=16,topk=4")
     r.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
                    help="drafter option, repeatable (e.g. --option layers=8)")
-    r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--temperature", type=_float_in(0.0), default=0.0,
+                   help="0 = greedy")
+    r.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
+    r.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=1.0)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--prompt", required=True)
+    r.add_argument("--prompt", required=True, type=_prompt)
     r.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
                    help="apply the chat template (auto: when the tokenizer has one)")
-    r.add_argument("--max-new-tokens", type=int, default=128)
-    r.add_argument("--repeats", type=int, default=1, help="timed runs (median reported)")
+    r.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
+    r.add_argument("--repeats", type=_int_at_least(1), default=1, help="timed runs (median reported)")
     r.add_argument("--compare", action="store_true",
                    help="also run plain model.generate, interleaved, and compare")
     r.add_argument("--json", action="store_true", help="print one JSON object")
@@ -300,12 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "with any sglang: method (their bf16 reference)")
     b.add_argument("--prompts", default="benchmarks/prompts.jsonl",
                    help="JSONL in the MT-bench question format")
-    b.add_argument("--limit", type=int, default=None, help="first N questions per category")
+    b.add_argument("--limit", type=_int_at_least(1), default=None, help="first N questions per category")
     b.add_argument("--categories", nargs="*", default=None)
-    b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=1, help="interleaved repeats (median time)")
-    b.add_argument("--temperature", type=float, default=0.0)
-    b.add_argument("--concurrency", type=int, default=8,
+    b.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
+    b.add_argument("--repeats", type=_int_at_least(1), default=1, help="interleaved repeats (median time)")
+    b.add_argument("--temperature", type=_float_in(0.0), default=0.0)
+    b.add_argument("--concurrency", type=_int_at_least(1), default=8,
                    help="requests in flight for the engines' (vllm:, sglang:) throughput run")
     b.add_argument("--out", required=True, help="folder for results.json, results.md, plots")
     b.add_argument("--no-plots", action="store_true")
@@ -338,21 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra prompts: JSONL (instruction/prompt/text/turns) or one per line")
     t.add_argument("--no-seed-tasks", action="store_true",
                    help="do not use the shipped Self-Instruct seed tasks")
-    t.add_argument("--expand", type=int, default=200,
+    t.add_argument("--expand", type=_int_at_least(0), default=200,
                    help="new prompts the target writes from the seed tasks (self-instruct)")
-    t.add_argument("--tokens", type=int, default=None,
+    t.add_argument("--tokens", type=_int_at_least(1), default=None,
                    help="stop generating training responses after about N tokens")
-    t.add_argument("--max-new-tokens", type=int, default=192, help="per training response")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--num-heads", type=int, default=4, help="draft depth the head is trained for")
-    t.add_argument("--draft-vocab", type=int, default=8192,
+    t.add_argument("--max-new-tokens", type=_int_at_least(1), default=192, help="per training response")
+    t.add_argument("--epochs", type=_int_at_least(1), default=None)
+    t.add_argument("--lr", type=_float_in(0.0, low_open=True), default=None)
+    t.add_argument("--batch-size", type=_int_at_least(1), default=None)
+    t.add_argument("--num-heads", type=_int_at_least(1), default=4, help="draft depth the head is trained for")
+    t.add_argument("--draft-vocab", type=_int_at_least(1), default=8192,
                    help="ids the head may propose (most frequent in the training data)")
     t.add_argument("--image-data", default=None, metavar="FILE",
                    help="msd: JSONL of {\"image\": PATH, \"prompt\": TEXT}; trains a second, "
                         "multimodal stage after the text-only one")
-    t.add_argument("--stage2-epochs", type=int, default=None,
+    t.add_argument("--stage2-epochs", type=_int_at_least(1), default=None,
                    help="epochs of the multimodal stage (default: as --epochs)")
     t.add_argument("--init", default=None, metavar="HEAD",
                    help="start from a trained head (an eagle head gives msd its text stage)")

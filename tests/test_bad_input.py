@@ -172,3 +172,38 @@ def test_unwritable_cache_dir_names_the_variable(tmp_path, monkeypatch, capsys):
           _file_lock(lock)):
         pass
     assert issubclass(CacheDirError, SpecplugError) and issubclass(SpecplugError, ValueError)
+
+
+# (command, its arguments, what argparse's one line must say): refused before any work
+OUT_OF_RANGE = [
+    ("run", ["--max-new-tokens", "0"], "--max-new-tokens: must be at least 1, got 0"),
+    ("run", ["--max-new-tokens", "ten"], "--max-new-tokens: expected a whole number, got 'ten'"),
+    ("run", ["--temperature", "-0.5"], "--temperature: must be a number in [0, inf], got -0.5"),
+    ("run", ["--temperature", "nan"], "--temperature: must be a number in [0, inf], got nan"),
+    ("run", ["--top-p", "0"], "--top-p: must be a number in (0, 1], got 0"),
+    ("run", ["--top-p", "1.5"], "--top-p: must be a number in (0, 1], got 1.5"),
+    ("run", ["--top-k", "-1"], "--top-k: must be at least 0, got -1"),
+    ("run", ["--repeats", "0"], "--repeats: must be at least 1, got 0"),
+    ("run", ["--num-speculative-tokens", "0"], "--num-speculative-tokens: must be at least 1"),
+    ("bench", ["--concurrency", "0"], "--concurrency: must be at least 1, got 0"),
+    ("bench", ["--limit", "-2"], "--limit: must be at least 1, got -2"),
+    ("train", ["--lr", "0"], "--lr: must be a number in (0, inf], got 0"),
+    ("train", ["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+]
+REQUIRED = {"run": ["--prompt", "hi"], "bench": ["--methods", "ngram", "--out", "x"],
+            "train": ["--drafter", "medusa", "--out", "x"]}
+
+
+@pytest.mark.parametrize("command, args, needle", OUT_OF_RANGE)
+def test_numbers_out_of_range(capsys, command, args, needle):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--model", "no-model-is-loaded", *REQUIRED[command], *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_empty_prompt(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--model", "no-model-is-loaded", "--prompt", "  "])
+    assert info.value.code == 2 and "the prompt is empty" in capsys.readouterr().err

@@ -41,7 +41,6 @@ def test_run_text_report_and_sampling(folder, capsys):
 @pytest.mark.parametrize("args, needle", [
     (["--method", "eagle9"], "unknown speculative method 'eagle9'"),
     (["--method", "ngram", "--tree", "star"], "invalid tree spec"),
-    (["--method", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
     (["--method", "ngram", "--option", "prompt_lookup_maxx=2"], "prompt_lookup_maxx"),
     # the user's length is the one named, with --compare too (not the warm-up's 8)
     (["--max-new-tokens", "1000", "--compare"], "max_new_tokens (1000) exceeds the model's "
