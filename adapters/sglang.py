@@ -11,7 +11,8 @@ use) and hands them to SGLang's own tree verification.
 Which drafter runs, and how, is one JSON object in ``SPECPLUG_SGLANG_CONFIG`` (every SGLang
 process inherits the launcher's environment), validated by ``SpecConfig`` at start-up in the
 launcher; unset, it is ``DEFAULT_OPTIONS`` (an n-gram chain as long as SGLang's own NGRAM
-verifies by default: SGLang scores every slot a row whether drafts fill it or not)::
+verifies by default: the slots a row are fixed when the engine starts, and each step verifies
+only as many as its drafts fill, see ``specplug.adapters.sglang_worker``)::
 
     SPECPLUG_SGLANG_CONFIG='{"drafter": "ngram", "tree": "dynamic", "tree_budget": 8}' \\
       python -m sglang.launch_server --model-path MODEL --speculative-algorithm SPECPLUG
@@ -85,8 +86,8 @@ def sglang_spec_config(options: Mapping[str, Any]) -> Any:
         raise ValueError(f"{CONFIG_ENV}: 'drafter' is required, for example "
                          "{\"drafter\": \"ngram\"}")
     if opts.get("tree", "chain") == "chain":
-        # SGLang scores every slot: a chain not sized here takes NGRAM's width, not the
-        # drafter's own default (32 for ngram, whose adaptive depth pays only where it is free)
+        # SGLang's slots a row are fixed at start-up: a chain not sized here takes NGRAM's
+        # width, not the drafter's own default (32 for ngram, 33 slots on every row's KV)
         opts.setdefault("num_speculative_tokens", DEFAULT_OPTIONS["num_speculative_tokens"])
     try:
         config = SpecConfig(method=drafter, **opts)

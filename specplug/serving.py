@@ -77,6 +77,10 @@ class ServingProposer:
         scores_every_slot: the engine scores ``max_nodes`` slots a row whether drafts fill
             them or not (SGLang): a draft token then costs nothing more, so trees are not cut
             to a cost curve (and the engine's step time, always the same size, is not timed).
+        pads_rows: the engine scores every row as wide as the step's widest draft (SGLang
+            under specplug's worker, which narrows its verify to that width): a row's draft
+            tokens are priced as if every row of the batch scored as many, and the step's
+            timing is booked against ``rows * (widest + 1)`` tokens.
 
     Raises:
         ValueError: the config's tree does not fit the engine (a tree on a chain engine, or
@@ -89,7 +93,8 @@ class ServingProposer:
     def __init__(self, config: SpecConfig, vocab_size: int, max_context: int | None = None,
                  target: Any = None, media_tokens: frozenset[int] = frozenset(),
                  engine: str = "this engine", trees: bool = False,
-                 max_nodes: int | None = None, scores_every_slot: bool = False):
+                 max_nodes: int | None = None, scores_every_slot: bool = False,
+                 pads_rows: bool = False):
         route = Route(engine, trees=trees, hidden_states=False, distributions=False,
                       token_only=target is None)
         check_route(config, route)  # before the drafter is built
@@ -114,6 +119,7 @@ class ServingProposer:
                         frozenset(media_tokens))
         self.trees = trees
         self.scores_every_slot = scores_every_slot and max_nodes is not None
+        self.pads_rows = pads_rows and not self.scores_every_slot
         self.k = int(config.num_speculative_tokens)
         self.sampling = SamplingParams()  # greedy drafts: see the module docstring
         self._rows: list[list[int]] | None = None  # histories the drafter last saw
@@ -193,7 +199,8 @@ class ServingProposer:
         if self.draining and sum(active) > 1 and cost is not None:
             last = self._last_to_finish(rows, active)
             limits = [n if b in last else 0 for b, n in enumerate(limits)]
-            drafting = len(last)
+            # a padded engine scores every row as wide as the drafting ones
+            drafting = None if self.pads_rows else len(last)
             self.drain_steps += 1
         tree, _ = self.session.propose(rows, active, limits, self.vocab_size,
                                        sampling=self.sampling,
@@ -201,7 +208,10 @@ class ServingProposer:
                                        batch_view(cost, sum(active), drafting))
         self._rows, self._rids, self._tree = rows, None if rids is None else list(rids), tree
         counts = tree.num_nodes.tolist()
-        self._scored = sum(n + 1 for n, a in zip(counts, active) if a)
+        if self.pads_rows:
+            self._scored = len(counts) * (max(counts, default=0) + 1)
+        else:
+            self._scored = sum(n + 1 for n, a in zip(counts, active) if a)
         self._returned_at = time.perf_counter()
         return tree
 

@@ -21,6 +21,7 @@ from specplug.adapters.sglang import (
     validate_server_args,
 )
 from specplug.adapters.sglang_format import sglang_verify_tree
+from specplug.adapters.sglang_worker import verify_width, widen_draft_input
 from specplug.config import SpecConfig
 from specplug.serving import ServingProposer, accepted_path
 from specplug.types import DraftTree
@@ -98,31 +99,35 @@ def test_a_tree_wider_than_sglangs_slots_is_refused():
 
 @torch.no_grad()
 def serve_trees(target, proposer: ServingProposer, prompts: list[list[int]], max_new: list[int],
-                width: int, slots: int = 3) -> list[list[int]]:
+                width: int, slots: int = 3, narrow: bool = False) -> list[list[int]]:
     """A toy SGLang: requests with ids join as slots free up and are reordered; each step
     the proposer drafts by request id alone (as the SGLang worker asks), its trees are laid
     out in SGLang's slots, every slot is scored after its path from the root (read off the
     ancestor mask, as SGLang's attention reads it), and the tree is walked greedily through
-    first children and next siblings (``verify_tree_greedy``)."""
+    first children and next siblings (``verify_tree_greedy``). ``narrow``: each step verifies
+    only as many slots as its widest tree needs, as specplug's worker has SGLang do."""
     tokens = {i: list(p) for i, p in enumerate(prompts)}
     new: dict[int, list[int]] = {i: [] for i in tokens}
     waiting, running, step = list(range(len(prompts))), [], 0
     serve_trees.accepted = serve_trees.branched = 0
+    serve_trees.widths = []
     while waiting or running:
         admit(target, waiting, running, slots, tokens, new)
         if step % 4 == 3:
             running.reverse()
         histories = [list(tokens[i]) for i in running]
         tree = proposer.draft(histories, rids=[f"req-{i}" for i in running])
-        flat, mask = sglang_verify_tree([h[-1] for h in histories], tree, width)
-        links = sglang_links(mask, torch.tensor([len(h) - 1 for h in histories]), width)
-        flat = flat.view(-1, width)
+        step_width = verify_width(tree.num_nodes, width) if narrow else width
+        serve_trees.widths.append(step_width)
+        flat, mask = sglang_verify_tree([h[-1] for h in histories], tree, step_width)
+        links = sglang_links(mask, torch.tensor([len(h) - 1 for h in histories]), step_width)
+        flat = flat.view(-1, step_width)
         for b in range(len(running)):
             parents = tree.parents[b, :int(tree.num_nodes[b])].tolist()
             serve_trees.branched += len(set(parents)) < len(parents)
         for b, i in enumerate(running):
             best = []
-            for slot in range(width):  # the target's token after the slot's path
+            for slot in range(step_width):  # the target's token after the slot's path
                 path, at = [], slot
                 while at >= 0:
                     path.insert(0, int(flat[b, at]))
@@ -147,13 +152,16 @@ def serve_trees(target, proposer: ServingProposer, prompts: list[list[int]], max
     return [new[i] for i in range(len(prompts))]
 
 
+@pytest.mark.parametrize("narrow", [False, True], ids=["all-slots", "narrowed"])
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 @pytest.mark.parametrize("tree", ["chain", "dynamic"])
-def test_trees_verified_the_sglang_way_keep_outputs_identical(method, tree):
+def test_trees_verified_the_sglang_way_keep_outputs_identical(method, tree, narrow):
     """Every output is the target's own greedy one, with requests keyed by id joining,
     leaving and being reordered. With the target as its own draft model most drafts are
     accepted, which needs the drafter's state to follow each request, and dynamic trees
-    branch: SGLang's walk through siblings is exercised, not only chains."""
+    branch: SGLang's walk through siblings is exercised, not only chains. Narrowed, each
+    step verifies only the slots its widest tree needs (the worker's way), with the proposer
+    pricing drafts for an engine that pads rows."""
     target = tiny_llama(0)
     extra = {"tree_budget": 6} if tree == "dynamic" else {"num_speculative_tokens": 4}
     if method == "draft_model":  # the whole tree every step: the toy's timing is no CPU's
@@ -164,14 +172,54 @@ def test_trees_verified_the_sglang_way_keep_outputs_identical(method, tree):
     prompts = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
     lengths = [14, 6, 9, 12, 10]
     proposer = ServingProposer(config, vocab_size=96, max_context=256, engine="SGLang",
-                               trees=True, max_nodes=width - 1, scores_every_slot=True)
-    got = serve_trees(target, proposer, prompts, lengths, width)
+                               trees=True, max_nodes=width - 1, scores_every_slot=not narrow,
+                               pads_rows=narrow)
+    got = serve_trees(target, proposer, prompts, lengths, width, narrow=narrow)
     want = reference_greedy(target, ids, mask, max(lengths))
     assert got == [w[:n] for w, n in zip(want, lengths)]
     assert proposer.regroups >= 2
+    assert (min(serve_trees.widths) < width) == narrow
     if method == "draft_model":
         assert serve_trees.accepted > sum(lengths) // 2, serve_trees.accepted
         assert (serve_trees.branched > 0) == (tree == "dynamic")
+
+
+def test_a_step_verifies_as_many_slots_as_its_widest_tree():
+    assert verify_width(torch.tensor([0, 3, 1]), 12) == 4
+    assert verify_width(torch.tensor([0, 0]), 12) == 1  # nothing drafted: a plain decode step
+    assert verify_width(torch.tensor([11, 2]), 12) == 12
+    assert verify_width(torch.tensor([], dtype=torch.long), 12) == 1
+
+
+def test_a_narrowed_steps_draft_input_is_padded_back_to_the_full_width():
+    """SGLang concatenates the draft inputs of batches it merges: a narrowed one must have the
+    full stride again, its accepted tokens first in each row."""
+    draft = SimpleNamespace(draft_token_num=2, num_tokens_per_req=2,
+                            num_tokens_for_logprob_per_req=2,
+                            accept_tokens=torch.tensor([7, 8, 9, 0], dtype=torch.int32))
+    widen_draft_input(draft, rows=2, slots=4)
+    assert draft.accept_tokens.tolist() == [7, 8, 0, 0, 9, 0, 0, 0]
+    assert draft.accept_tokens.dtype == torch.int32
+    assert draft.draft_token_num == draft.num_tokens_per_req == 4
+    full = SimpleNamespace(draft_token_num=4, accept_tokens=torch.arange(8))
+    widen_draft_input(full, rows=2, slots=4)
+    assert full.accept_tokens.tolist() == list(range(8))
+
+
+def test_a_padded_engine_books_every_row_at_the_widest_draft():
+    """With ``pads_rows`` the step's timing is booked against rows x (widest + 1) tokens,
+    and a drafting row is priced as if the whole batch scored its width."""
+    proposer = ServingProposer(SpecConfig(method="ngram", num_speculative_tokens=4),
+                               vocab_size=96, trees=True, max_nodes=7, pads_rows=True)
+    rows = [[1, 2, 3, 1, 2, 3, 1, 2], [5, 6, 7, 8]]
+    tree = proposer.draft(rows, rids=["a", "b"])
+    widest = int(tree.num_nodes.max())
+    assert widest > 0  # the repeated row drafts
+    assert proposer._scored == 2 * (widest + 1)
+    plain = ServingProposer(SpecConfig(method="ngram", num_speculative_tokens=4),
+                            vocab_size=96, trees=True, max_nodes=7)
+    tree = plain.draft(rows, rids=["a", "b"])
+    assert plain._scored == sum(int(n) + 1 for n in tree.num_nodes)
 
 
 def test_rows_are_matched_by_request_id():
