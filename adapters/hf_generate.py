@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from specplug.adapters.hf_options import WARPERS, eos_ids, sampling_from
 from specplug.config import SpecConfig, build_spec, spec_option_names
 from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
+from specplug.errors import SpecplugError, UnknownOptionError
 from specplug.multimodal import split_model_inputs
 from specplug.sampling import SamplingParams
 
@@ -97,13 +99,18 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
     config = speculator.config if speculator is not None else build_spec(spec, spec_opts)
     if "max_length" in kwargs and "max_new_tokens" not in kwargs:
         kwargs["max_new_tokens"] = int(kwargs.pop("max_length")) - input_ids.shape[1]
+    if "max_new_tokens" in kwargs:  # before transformers' own check, whose message differs
+        n = kwargs["max_new_tokens"]
+        if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+            raise SpecplugError(f"max_new_tokens must be a whole number >= 1, got {n!r}")
     gc = copy.deepcopy(model.generation_config)
     unknown = gc.update(**kwargs)
     if unknown:
-        raise TypeError(f"unknown options {sorted(unknown)}: neither generation options nor "
-                        f"options of SpecConfig / drafter {config.method!r}")
+        raise UnknownOptionError(f"unknown options {sorted(unknown)}: neither generation "
+                                 f"options nor options of SpecConfig / drafter "
+                                 f"{config.method!r}")
     if gc.max_new_tokens is None:
-        raise ValueError("pass max_new_tokens (specplug does not guess a length)")
+        raise SpecplugError("pass max_new_tokens (specplug does not guess a length)")
     sampling = sampling_from(gc)
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)

@@ -36,6 +36,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from specplug.errors import ConfigError
+
 __all__ = ["ALGORITHM", "CONFIG_ENV", "DEFAULT_OPTIONS", "SUPPORTED_SGLANG", "config_from_env", "register",
            "sglang_spec_config", "supported"]
 
@@ -78,12 +80,12 @@ def sglang_spec_config(options: Mapping[str, Any]) -> Any:
     from specplug.serving import check_token_only
 
     if not isinstance(options, Mapping):
-        raise ValueError(f"{CONFIG_ENV} must be a JSON object such as {{\"drafter\": "
+        raise ConfigError(f"{CONFIG_ENV} must be a JSON object such as {{\"drafter\": "
                          f"\"ngram\"}}, got {type(options).__name__}")
     opts = dict(options)
     drafter = opts.pop("drafter", None)
     if not drafter:
-        raise ValueError(f"{CONFIG_ENV}: 'drafter' is required, for example "
+        raise ConfigError(f"{CONFIG_ENV}: 'drafter' is required, for example "
                          "{\"drafter\": \"ngram\"}")
     if opts.get("tree", "chain") == "chain":
         # SGLang's slots a row are fixed at start-up: a chain not sized here takes NGRAM's
@@ -92,13 +94,13 @@ def sglang_spec_config(options: Mapping[str, Any]) -> Any:
     try:
         config = SpecConfig(method=drafter, **opts)
     except ValidationError as err:
-        raise ValueError(f"invalid {CONFIG_ENV}: {format_validation_error(err)}") from None
+        raise ConfigError(f"invalid {CONFIG_ENV}: {format_validation_error(err)}") from None
     except (ValueError, TypeError) as err:
-        raise ValueError(f"invalid {CONFIG_ENV}: {err}") from None
+        raise ConfigError(f"invalid {CONFIG_ENV}: {err}") from None
     try:
         check_token_only(drafter, "SGLang's SPECPLUG worker (docs/sglang.md)")
     except ValueError as err:
-        raise ValueError(f"invalid {CONFIG_ENV}: {err}") from None
+        raise ConfigError(f"invalid {CONFIG_ENV}: {err}") from None
     return config
 
 
@@ -115,7 +117,7 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> Any:
     try:
         options = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{CONFIG_ENV} is not JSON ({err.msg} at character {err.pos}): "
+        raise ConfigError(f"{CONFIG_ENV} is not JSON ({err.msg} at character {err.pos}): "
                          "write it like '{\"drafter\": \"ngram\"}'") from None
     return sglang_spec_config(options)
 
@@ -133,7 +135,7 @@ def validate_server_args(server_args: Any) -> None:
     config = config_from_env()
     slots = getattr(server_args, "speculative_num_draft_tokens", None)
     if slots is not None and draft_slots(config) > slots:
-        raise ValueError(
+        raise ConfigError(
             f"{CONFIG_ENV}: the {config.tree!r} tree drafts up to {draft_slots(config) - 1} "
             f"nodes a row, but --speculative-num-draft-tokens {slots} leaves {slots - 1} (one "
             f"slot is the root): pass --speculative-num-draft-tokens "

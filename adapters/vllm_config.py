@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from specplug.errors import ConfigError
+
 __all__ = ["EAGLE_KEYS", "PROPOSER", "SUPPORTED_VLLM", "VLLM_KEYS", "VLLM_NATIVE",
            "native_eagle_config", "spec_config_from", "supported", "translate_speculative_config",
            "unsupported_message"]
@@ -50,11 +52,11 @@ def spec_config_from(options: dict[str, Any], num_speculative_tokens: int | None
     opts = dict(options)
     drafter = opts.pop("drafter", None)
     if "method" in opts:
-        raise ValueError("specplug speculative config: name the drafter with 'drafter' (for "
+        raise ConfigError("specplug speculative config: name the drafter with 'drafter' (for "
                          "example \"drafter\": \"ngram\"); 'method' is vLLM's and must be "
                          "'specplug'")
     if not drafter:
-        raise ValueError("specplug speculative config: 'drafter' is required, for example "
+        raise ConfigError("specplug speculative config: 'drafter' is required, for example "
                          "{\"method\": \"specplug\", \"drafter\": \"ngram\", "
                          "\"num_speculative_tokens\": 4}")
     if num_speculative_tokens is not None:
@@ -62,19 +64,19 @@ def spec_config_from(options: dict[str, Any], num_speculative_tokens: int | None
     try:
         config = SpecConfig(method=drafter, **opts)
     except ValidationError as err:
-        raise ValueError("invalid specplug speculative config: "
+        raise ConfigError("invalid specplug speculative config: "
                          f"{format_validation_error(err)}") from None
     except (ValueError, TypeError) as err:
-        raise ValueError(f"invalid specplug speculative config: {err}") from None
+        raise ConfigError(f"invalid specplug speculative config: {err}") from None
     if config.tree != "chain":
-        raise ValueError(f"invalid specplug speculative config: tree={config.tree!r}, but vLLM "
+        raise ConfigError(f"invalid specplug speculative config: tree={config.tree!r}, but vLLM "
                          "verifies chains only; use \"tree\": \"chain\" (the default)")
     from specplug.serving import check_token_only
 
     try:
         check_token_only(drafter, "vLLM's custom proposer seam (docs/vllm.md)")
     except ValueError as err:
-        raise ValueError(f"invalid specplug speculative config: {err}; 'eagle' heads run as "
+        raise ConfigError(f"invalid specplug speculative config: {err}; 'eagle' heads run as "
                          "vLLM's own EAGLE drafter: {\"method\": \"specplug\", \"drafter\": "
                          "\"eagle\"}") from None
     return config
@@ -94,7 +96,7 @@ def native_eagle_config(spec: dict[str, Any], target_model: str | None) -> dict[
 
     extra = sorted(set(spec) - {"method", "drafter", "checkpoint", *VLLM_KEYS, *EAGLE_KEYS})
     if extra:
-        raise ValueError(f"invalid specplug speculative config: {', '.join(extra)}: not an "
+        raise ConfigError(f"invalid specplug speculative config: {', '.join(extra)}: not an "
                          "option of drafter 'eagle' in vLLM, which drafts with its own EAGLE "
                          "proposer (options: checkpoint, num_speculative_tokens, "
                          f"{', '.join(EAGLE_KEYS)})")
@@ -102,11 +104,11 @@ def native_eagle_config(spec: dict[str, Any], target_model: str | None) -> dict[
 
     k = spec.get("num_speculative_tokens", SpecConfig(method="eagle").num_speculative_tokens)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"invalid specplug speculative config: num_speculative_tokens={k!r}; "
+        raise ConfigError(f"invalid specplug speculative config: num_speculative_tokens={k!r}; "
                          "give a positive integer")
     config_file = Path(str(target_model or "")).expanduser() / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"invalid specplug speculative config: drafter 'eagle' exports its head "
+        raise ConfigError(f"invalid specplug speculative config: drafter 'eagle' exports its head "
                          f"against the target's config.json, and {target_model!r} is not a "
                          "local model folder; pass --model a folder")
     from specplug.drafters.trained_heads import shipped_head
@@ -117,7 +119,7 @@ def native_eagle_config(spec: dict[str, Any], target_model: str | None) -> dict[
         folder = cached_vllm_eagle(Path(str(head)).expanduser(),
                                    json.loads(config_file.read_text()))
     except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"invalid specplug speculative config: {err}") from None
+        raise ConfigError(f"invalid specplug speculative config: {err}") from None
     out = {key: spec[key] for key in (*VLLM_KEYS, *EAGLE_KEYS) if key in spec}
     out.update(method="eagle", model=str(folder), num_speculative_tokens=k)
     return out
@@ -157,10 +159,10 @@ def translate_speculative_config(spec: dict[str, Any], additional: dict[str, Any
     if method in ("custom_class", None) and spec.get("model") == PROPOSER:
         options = additional.get("specplug")
         if not isinstance(options, dict):
-            raise ValueError("speculative model specplug.adapters.vllm.SpecplugProposer needs "
+            raise ConfigError("speculative model specplug.adapters.vllm.SpecplugProposer needs "
                              "its options in --additional-config '{\"specplug\": {\"drafter\": "
                              "\"ngram\"}}'")
         if "num_speculative_tokens" not in spec:
-            raise ValueError("specplug speculative config: set num_speculative_tokens")
+            raise ConfigError("specplug speculative config: set num_speculative_tokens")
         spec_config_from(options, spec["num_speculative_tokens"])
     return spec, additional

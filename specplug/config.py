@@ -150,16 +150,35 @@ def format_validation_error(err: ValidationError) -> str:
                      + e["msg"].removeprefix("Value error, ") for e in err.errors())
 
 
+#: the drafter of a Python call that names none (``specplug.hf.generate(model, ids, ...)``)
+DEFAULT_METHOD = "ngram"
+
+
 def build_spec(spec: SpecConfig | dict | str | None, options: dict[str, Any]) -> SpecConfig:
     """A ``SpecConfig`` from what users pass: a config, a dict or a method name, with
-    ``options`` (``SpecConfig`` fields and drafter options) over it."""
-    if isinstance(spec, SpecConfig):
-        if options:
-            return SpecConfig(**{**spec.model_dump(), **(spec.model_extra or {}), **options})
-        return spec
-    if isinstance(spec, str):
-        return SpecConfig(method=spec, **options)
-    return SpecConfig(**{**(spec or {}), **options})
+    ``options`` (``SpecConfig`` fields and drafter options) over it; ``DEFAULT_METHOD`` when
+    nothing names a drafter.
+
+    Raises:
+        ConfigError: an unknown drafter, tree or option, or a value out of range, naming each
+            field and what it accepts.
+    """
+    from specplug.errors import ConfigError
+
+    try:
+        if isinstance(spec, SpecConfig):
+            if options:
+                return SpecConfig(**{**spec.model_dump(), **(spec.model_extra or {}),
+                                     **options})
+            return spec
+        if isinstance(spec, str):
+            return SpecConfig(method=spec, **options)
+        fields = {**(spec or {}), **options}
+        fields.setdefault("method", DEFAULT_METHOD)
+        return SpecConfig(**fields)
+    except ValidationError as err:
+        raise ConfigError(f"invalid speculation config: {format_validation_error(err)}"
+                          ) from None
 
 
 def spec_option_names(spec: Any, kwargs: dict[str, Any]) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from specplug.config import SpecConfig
 from specplug.cost import CostModel, batch_view
 from specplug.drafters.base import Drafter, StepOutcome
+from specplug.errors import SpecplugError
 from specplug.multimodal import media_token_ids
 from specplug.online.observer import Observer, VerifyRecord, teacher_topk
 from specplug.plugins import get_plugin_manager, get_registry
@@ -141,9 +143,45 @@ def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None) 
         ValueError: naming both lengths, the context and the fix.
     """
     if context is not None and prompt_tokens + max_new_tokens > context:
-        raise ValueError(
+        raise SpecplugError(
             f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"model's context of {context} tokens; shorten the prompt or lower max_new_tokens")
+
+
+def check_inputs(runner: TargetRunner, input_ids: Any, attention_mask: torch.Tensor | None,
+                 max_new_tokens: Any) -> None:
+    """What ``speculative_generate`` refuses before any work: ``input_ids`` that are not a
+    non-empty ``[B, L]`` integer tensor of ids the target embeds (padding included), an
+    all-padding row, a
+    ``max_new_tokens`` that is not a whole number >= 1.
+
+    Raises:
+        SpecplugError: naming the argument, the value and the fix.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) \
+            or max_new_tokens < 1:
+        raise SpecplugError(f"max_new_tokens must be a whole number >= 1, got "
+                            f"{max_new_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+            or input_ids.shape[1] == 0:
+        raise SpecplugError("input_ids must be a non-empty [batch, length] tensor (empty "
+                            "prompt?); a single prompt is input_ids[None]")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
+            or input_ids.dtype == torch.bool:
+        raise SpecplugError(f"input_ids must hold integer token ids, got dtype "
+                            f"{input_ids.dtype}: pass the tokenizer's ids (torch.long)")
+    model = getattr(getattr(runner, "runner", None), "model", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") \
+        else None
+    size = getattr(embeddings, "num_embeddings", None)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if size is not None and (low < 0 or high >= size):
+        # padding too: the target embeds every position before the mask applies
+        raise SpecplugError(f"input_ids holds token id {low if low < 0 else high}, outside the "
+                            f"model's {size} embeddings: encode the prompt with the model's "
+                            "tokenizer and pad with its pad_token_id")
+    if attention_mask is not None and bool((attention_mask.sum(-1) == 0).any()):
+        raise SpecplugError("empty prompt: every row needs at least one token")
 
 
 def speculative_generate(
@@ -170,15 +208,10 @@ def speculative_generate(
             ``pixel_values``, ``image_grid_thw``, ...; ``specplug.multimodal``).
     """
     sampling = sampling or SamplingParams()
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError("input_ids must be a non-empty [batch, length] tensor (empty prompt?)")
+    check_inputs(runner, input_ids, attention_mask, max_new_tokens)
     B, L = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if bool((attention_mask.sum(-1) == 0).any()):
-        raise ValueError("empty prompt: every row needs at least one token")
     check_context(L, max_new_tokens, runner.max_context)
     hook = get_plugin_manager().hook.specplug_on_step
     eos = set(int(e) for e in eos_token_ids)

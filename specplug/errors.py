@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CacheDirError", "InputFileError", "SpecplugError", "load_safetensors",
-           "read_json", "read_text", "writable_dir"]
+__all__ = ["CacheDirError", "ConfigError", "InputFileError", "SpecplugError",
+           "UnknownOptionError", "load_safetensors", "read_json", "read_text", "writable_dir"]
 
 
 class SpecplugError(ValueError):
@@ -27,6 +27,15 @@ class InputFileError(SpecplugError):
 
 class CacheDirError(SpecplugError):
     """specplug's cache folder cannot be written."""
+
+
+class ConfigError(SpecplugError):
+    """A speculation option (``SpecConfig`` field or drafter option) is unknown or invalid."""
+
+
+class UnknownOptionError(SpecplugError, TypeError):
+    """A keyword that is neither a generation option nor a speculation option: also a
+    ``TypeError``, as Python raises for an unexpected keyword."""
 
 
 def read_text(path: str | os.PathLike[str], what: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import pluggy
 
 from specplug import hookspecs
+from specplug.errors import ConfigError
 
 __all__ = ["Registry", "get_plugin_manager", "get_registry", "register_plugin"]
 
@@ -47,7 +48,7 @@ class Registry:
         try:
             return self.drafters[name]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown speculative method {name!r}; registered drafters: "
                 f"{', '.join(sorted(self.drafters))}. Install or register a plugin that "
                 "provides it (entry-point group 'specplug')."
@@ -57,7 +58,7 @@ class Registry:
         try:
             return self.observers[name]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown adaptation {name!r} in adapt; registered observers: "
                 f"{', '.join(sorted(self.observers)) or '(none)'}") from None
 

@@ -10,7 +10,13 @@ import pytest
 from tiny_models import VOCAB
 
 from specplug.cli import main
-from specplug.errors import CacheDirError, InputFileError, SpecplugError
+from specplug.errors import (
+    CacheDirError,
+    ConfigError,
+    InputFileError,
+    SpecplugError,
+    UnknownOptionError,
+)
 from specplug.heads.checkpoint import load_head, save_head
 from specplug.heads.config import HeadConfig
 from specplug.heads.nets import build_net
@@ -207,3 +213,143 @@ def test_empty_prompt(capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", "--model", "no-model-is-loaded", "--prompt", "  "])
     assert info.value.code == 2 and "the prompt is empty" in capsys.readouterr().err
+
+
+# --- the Python API and the engine configs ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tiny_models import tiny_llama
+
+    return tiny_llama(0)
+
+
+PROMPT = [[5, 9, 11, 3, 7, 5, 9, 11]]
+
+# (keyword arguments of specplug.hf.generate, error type, what the message must say)
+GENERATE_CASES = [
+    (dict(method="nope"), ConfigError, "unknown speculative method 'nope'"),
+    (dict(max_new_tokens=0), SpecplugError, "max_new_tokens must be a whole number >= 1, got 0"),
+    (dict(max_new_tokens=-3), SpecplugError, "got -3"),
+    (dict(max_new_tokens="5"), SpecplugError, "got '5'"),
+    (dict(max_new_tokens=2.5), SpecplugError, "got 2.5"),
+    (dict(do_sample=True, temperature=-1.0), SpecplugError, "temperature must be a finite"),
+    (dict(do_sample=True, temperature=float("nan")), SpecplugError, "got nan"),
+    (dict(do_sample=True, top_p=1.5), SpecplugError, "top_p must be in (0, 1], got 1.5"),
+    (dict(do_sample=True, top_k=-2), SpecplugError, "top_k must be a whole number >= 0"),
+    (dict(num_speculative_tokens=0), ConfigError, "num_speculative_tokens: Input should be"),
+    (dict(tree="forest"), ConfigError, "tree='forest' is not registered"),
+    (dict(tree="dynamic", tree_budget=0), ConfigError, "tree_budget"),
+    (dict(bogus=1), UnknownOptionError, "unknown options ['bogus']"),
+    (dict(max_new_tokens=300), SpecplugError, "exceeds the model's context of 256 tokens"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, needle", GENERATE_CASES,
+                         ids=[next(iter(c[0])) + str(i) for i, c in enumerate(GENERATE_CASES)])
+def test_python_generate_refuses_bad_arguments(tiny, kwargs, error, needle):
+    import torch
+
+    import specplug.hf as hf
+
+    with pytest.raises(error) as info:
+        hf.generate(tiny, torch.tensor(PROMPT), **{"max_new_tokens": 4, **kwargs})
+    assert needle in str(info.value)
+
+
+def test_unknown_options_are_also_a_type_error(tiny):
+    """Python raises ``TypeError`` for an unexpected keyword: callers catching it still do."""
+    import torch
+
+    import specplug.hf as hf
+
+    with pytest.raises(TypeError, match="bogus"):
+        hf.generate(tiny, torch.tensor(PROMPT), max_new_tokens=4, bogus=1)
+
+
+@pytest.mark.parametrize("ids, needle", [
+    (lambda t: t.float(), "integer token ids, got dtype torch.float32"),
+    (lambda t: t + 1000, "token id 1011, outside the model's 96 embeddings"),
+    (lambda t: t - 100, "token id -97"),
+    (lambda t: t[0], "non-empty [batch, length] tensor"),
+    (lambda t: t[:, :0], "non-empty [batch, length] tensor"),
+])
+def test_python_generate_refuses_bad_prompts(tiny, ids, needle):
+    import torch
+
+    import specplug.hf as hf
+
+    with pytest.raises(SpecplugError) as info:
+        hf.generate(tiny, ids(torch.tensor(PROMPT)), max_new_tokens=4)
+    assert needle in str(info.value)
+
+
+def test_python_generate_checks_padding_ids_too(tiny):
+    """The target embeds every position, padding included, before the mask applies: a pad
+    id outside the vocabulary is refused by name, not an IndexError from the embedding."""
+    import torch
+
+    import specplug.hf as hf
+
+    ids = torch.tensor([[-1, -1] + PROMPT[0]])
+    mask = torch.tensor([[0, 0] + [1] * len(PROMPT[0])])
+    with pytest.raises(SpecplugError, match="token id -1.*pad with its pad_token_id"):
+        hf.generate(tiny, ids, mask, max_new_tokens=3)
+    out = hf.generate(tiny, ids.clamp(min=0), mask, max_new_tokens=3)
+    assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_python_generate_defaults_to_ngram(tiny):
+    import torch
+
+    import specplug.hf as hf
+
+    from specplug.config import build_spec
+
+    assert build_spec(None, {}).method == "ngram"
+    assert build_spec({"num_speculative_tokens": 3}, {}).method == "ngram"
+    out = hf.generate(tiny, torch.tensor(PROMPT), max_new_tokens=3)
+    assert out.tolist() == tiny.generate(torch.tensor(PROMPT), max_new_tokens=3,
+                                         do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("method, options, needle", [
+    ("nope", {}, "unknown speculative method 'nope'"),
+    ("ngram", {"bogus": 1}, "invalid option for drafter 'ngram': bogus"),
+    ("ngram", {"num_speculative_tokens": 0}, "num_speculative_tokens"),
+])
+def test_python_assistant_refuses_bad_options(tiny, method, options, needle):
+    import specplug.hf as hf
+
+    with pytest.raises(ConfigError) as info:
+        hf.assistant(tiny, method, **options)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"drafter": "nope"}, "unknown speculative method 'nope'"),
+    ({"drafter": "ngram", "bogus": 1}, "bogus: Extra inputs are not permitted"),
+    ({"drafter": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({}, "'drafter' is required"),
+])
+def test_vllm_config_refuses_bad_options(options, needle):
+    from specplug.adapters.vllm_config import spec_config_from
+
+    with pytest.raises(ConfigError) as info:
+        spec_config_from(options)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ('{"drafter": "ngram", "tree": "forest"}', "tree='forest' is not registered"),
+    ('{"drafter": "eagle"}', "drafter 'eagle' reads the target model's"),
+    ('{"drafter": "ngram", "bogus": 1}', "bogus"),
+    ("{oops", "is not JSON"),
+    ("[1]", "must be a JSON object"),
+])
+def test_sglang_config_refuses_bad_options(raw, needle):
+    from specplug.adapters.sglang import CONFIG_ENV, config_from_env
+
+    with pytest.raises(ConfigError) as info:
+        config_from_env({CONFIG_ENV: raw})
+    assert needle in str(info.value) and CONFIG_ENV in str(info.value)
