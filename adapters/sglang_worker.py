@@ -11,7 +11,7 @@ SGLang's NGRAM scores ``--speculative-num-draft-tokens`` slots in every row of e
 whether drafts fill them or not: at a batch of 8 on a CPU that is 12 times a plain step's
 tokens. On the attention backends in ``NARROWING_BACKENDS`` this worker narrows each step's
 verify to the widest tree the step drafted (every row padded to it, as SGLang's verify layout
-needs one width), down to one slot, a plain decode step, when no row drafts; the proposer
+needs one width), and runs a plain decode step instead when no row drafts; the proposer
 prices draft tokens knowing that (``pads_rows``). A narrower step is what SGLang's adaptive
 EAGLE switches to as well: the worker's ``draft_token_num``, its preallocated verify buffers
 and the backend's ``num_draft_tokens`` for the step, and ``speculative_num_draft_tokens`` on
@@ -142,7 +142,7 @@ def worker_class() -> type:
 
         def forward_batch_generation(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
             """A decode step drafts first, then runs NGRAM's step at the width the drafts
-            need (one slot when none drafted); prefill goes through unchanged."""
+            need, or a plain decode step when none drafted; prefill goes through unchanged."""
             if not batch.forward_mode.is_decode():
                 return super().forward_batch_generation(batch, *args, **kwargs)
             from specplug.adapters.sglang_format import sglang_verify_tree
