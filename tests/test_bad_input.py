@@ -303,7 +303,6 @@ def test_python_generate_defaults_to_ngram(tiny):
     import torch
 
     import specplug.hf as hf
-
     from specplug.config import build_spec
 
     assert build_spec(None, {}).method == "ngram"
@@ -353,3 +352,30 @@ def test_sglang_config_refuses_bad_options(raw, needle):
     with pytest.raises(ConfigError) as info:
         config_from_env({CONFIG_ENV: raw})
     assert needle in str(info.value) and CONFIG_ENV in str(info.value)
+
+
+def test_a_head_trained_for_another_target_is_refused_by_name(head):
+    """A head whose vocabulary and hidden size are not the target's: one error naming both
+    and the fix, before any generation (not a shape error in a matmul)."""
+    import torch
+    from tiny_models import tiny_llama
+
+    import specplug.hf as hf
+
+    other = tiny_llama(0, vocab=VOCAB + 32)
+    with pytest.raises(SpecplugError, match=r"head/target mismatch: the medusa head was trained "
+                       rf"for vocabulary {VOCAB} and hidden size 32.*the target has "
+                       rf"{VOCAB + 32} and 32; train a head for this target"):
+        hf.generate(other, torch.tensor(PROMPT), max_new_tokens=3, method="medusa", num_speculative_tokens=2,
+                    checkpoint=str(head))
+
+
+def test_a_tree_deeper_than_the_heads_is_refused_by_name(head, tiny):
+    import torch
+
+    import specplug.hf as hf
+
+    with pytest.raises(ConfigError, match="has 2 depth heads, so it cannot draft 4 tokens "
+                       "deep; set num_speculative_tokens"):
+        hf.generate(tiny, torch.tensor(PROMPT), max_new_tokens=3, method="medusa",
+                    checkpoint=str(head), num_speculative_tokens=4)

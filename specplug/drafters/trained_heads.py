@@ -111,7 +111,9 @@ class HeadDrafter(Drafter):
         if net is None or isinstance(net, (str, Path)):
             net = load_head(net if net is not None else shipped_head(target, cls.kind))
         if config.max_depth > net.max_depth:
-            raise ValueError(
+            from specplug.errors import ConfigError
+
+            raise ConfigError(
                 f"this {net.config.kind} head has {net.max_depth} depth heads, so it cannot "
                 f"draft {config.max_depth} tokens deep; set num_speculative_tokens (or the "
                 f"tree's depth) to at most {net.max_depth}")

@@ -51,7 +51,9 @@ class DraftNet(nn.Module):
         V, H = lm_head_weight.shape
         cfg = self.config
         if cfg.vocab_size != V or cfg.hidden_size != H:
-            raise ValueError(
+            from specplug.errors import SpecplugError
+
+            raise SpecplugError(
                 f"head/target mismatch: the {cfg.kind} head was trained for vocabulary "
                 f"{cfg.vocab_size} and hidden size {cfg.hidden_size}"
                 f"{f' ({cfg.target})' if cfg.target else ''}, the target has {V} and {H}; "
