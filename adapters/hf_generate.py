@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from numbers import Integral
 from typing import Any
 
 import torch
 
 from specplug.adapters.hf_options import WARPERS, eos_ids, sampling_from
 from specplug.config import SpecConfig, build_spec, spec_option_names
-from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
+from specplug.engine import (
+    ModelTargetRunner,
+    Speculator,
+    check_max_new_tokens,
+    speculative_generate,
+)
 from specplug.errors import SpecplugError, UnknownOptionError
 from specplug.multimodal import split_model_inputs
 from specplug.sampling import SamplingParams
@@ -100,9 +104,7 @@ def generate(model: Any, /, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if "max_length" in kwargs and "max_new_tokens" not in kwargs:
         kwargs["max_new_tokens"] = int(kwargs.pop("max_length")) - input_ids.shape[1]
     if "max_new_tokens" in kwargs:  # before transformers' own check, whose message differs
-        n = kwargs["max_new_tokens"]
-        if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
-            raise SpecplugError(f"max_new_tokens must be a whole number >= 1, got {n!r}")
+        check_max_new_tokens(kwargs["max_new_tokens"])
     gc = copy.deepcopy(model.generation_config)
     unknown = gc.update(**kwargs)
     if unknown:

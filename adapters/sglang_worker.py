@@ -29,6 +29,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
+from specplug.adapters.sglang_format import sglang_verify_tree
+
 __all__ = ["worker_class"]
 
 _WORKER: list[type] = []
@@ -106,6 +110,7 @@ def worker_class() -> type:
     if _WORKER:
         return _WORKER[0]
     try:
+        from sglang.srt.speculative import ngram_worker as ngram
         from sglang.srt.speculative.ngram_worker import NGRAMWorker
     except ImportError as err:
         raise RuntimeError(
@@ -135,7 +140,6 @@ def worker_class() -> type:
             self.slots = self.draft_token_num
             self._buffers: dict[int, dict[str, Any]] = {}  # verify buffers by width
             self._drafted: tuple[Any, Any] | None = None
-            self.plain_steps = 0  # decode steps where no row drafted
 
         def clear_cache_pool(self) -> None:
             self.proposer.reset()
@@ -145,8 +149,6 @@ def worker_class() -> type:
             need, or a plain decode step when none drafted; prefill goes through unchanged."""
             if not batch.forward_mode.is_decode():
                 return super().forward_batch_generation(batch, *args, **kwargs)
-            from specplug.adapters.sglang_format import sglang_verify_tree
-
             if self.narrows is None:
                 self._choose_narrowing()
             histories = [list(_prompt_ids(req)) + list(req.output_ids) for req in batch.reqs]
@@ -184,9 +186,6 @@ def worker_class() -> type:
             goes in at position ``seq_lens``, its KV into the reserved slot there, with
             ``seq_lens + 1``; the batch is restored after, and SGLang advances it by the
             result's ``new_seq_lens`` as after any verify step."""
-            import torch
-            from sglang.srt.speculative import ngram_worker as ngram
-
             rows = len(batch.reqs)
             seq_lens = batch.seq_lens
             fields = ("input_ids", "out_cache_loc", "seq_lens", "seq_lens_cpu", "seq_lens_sum",
@@ -214,7 +213,6 @@ def worker_class() -> type:
             accept_tokens[:, 0] = predict
             if on_publish is not None:
                 on_publish(new_seq_lens)
-            self.plain_steps += 1
             return ngram.GenerationBatchResult(
                 logits_output=out.logits_output, next_token_ids=predict,
                 can_run_cuda_graph=out.can_run_cuda_graph, accept_lens=accept_lens,

@@ -148,20 +148,24 @@ def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None) 
             f"model's context of {context} tokens; shorten the prompt or lower max_new_tokens")
 
 
-def check_inputs(runner: TargetRunner, input_ids: Any, attention_mask: torch.Tensor | None,
-                 max_new_tokens: Any) -> None:
-    """What ``speculative_generate`` refuses before any work: ``input_ids`` that are not a
-    non-empty ``[B, L]`` integer tensor of ids the target embeds (padding included), an
-    all-padding row, a
-    ``max_new_tokens`` that is not a whole number >= 1.
-
-    Raises:
-        SpecplugError: naming the argument, the value and the fix.
-    """
+def check_max_new_tokens(max_new_tokens: Any) -> None:
+    """Raises ``SpecplugError`` unless ``max_new_tokens`` is a whole number >= 1."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) \
             or max_new_tokens < 1:
         raise SpecplugError(f"max_new_tokens must be a whole number >= 1, got "
                             f"{max_new_tokens!r}")
+
+
+def check_inputs(runner: TargetRunner, input_ids: Any, attention_mask: torch.Tensor | None,
+                 max_new_tokens: Any) -> None:
+    """What ``speculative_generate`` refuses before any work: ``input_ids`` that are not a
+    non-empty ``[B, L]`` integer tensor of ids the target embeds (padding included), an
+    all-padding row, a ``max_new_tokens`` that is not a whole number >= 1.
+
+    Raises:
+        SpecplugError: naming the argument, the value and the fix.
+    """
+    check_max_new_tokens(max_new_tokens)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
             or input_ids.shape[1] == 0:
         raise SpecplugError("input_ids must be a non-empty [batch, length] tensor (empty "
@@ -170,10 +174,7 @@ def check_inputs(runner: TargetRunner, input_ids: Any, attention_mask: torch.Ten
             or input_ids.dtype == torch.bool:
         raise SpecplugError(f"input_ids must hold integer token ids, got dtype "
                             f"{input_ids.dtype}: pass the tokenizer's ids (torch.long)")
-    model = getattr(getattr(runner, "runner", None), "model", None)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") \
-        else None
-    size = getattr(embeddings, "num_embeddings", None)
+    size = runner.input_vocab_size
     low, high = int(input_ids.min()), int(input_ids.max())
     if size is not None and (low < 0 or high >= size):
         # padding too: the target embeds every position before the mask applies

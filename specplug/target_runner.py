@@ -35,6 +35,8 @@ class TargetRunner(ABC):
 
     vocab_size: int
     max_context: int | None
+    #: token ids the target embeds (``[0, input_vocab_size)``); None where unknown
+    input_vocab_size: int | None = None
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -70,6 +72,7 @@ class ModelTargetRunner(TargetRunner):
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
             else model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.input_vocab_size = getattr(model.get_input_embeddings(), "num_embeddings", None)
         self.max_context = getattr(cfg, "max_position_embeddings", None)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

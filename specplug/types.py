@@ -13,6 +13,7 @@ float32; tensors are on the target's device unless a docstring says CPU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -41,7 +42,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         from specplug.errors import SpecplugError
 
-        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
             raise SpecplugError(f"temperature must be a finite number >= 0 (0 = greedy), got "
                                 f"{self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0:
