@@ -142,3 +142,42 @@ def test_conversation_encoding(loaded: tuple[str, Any, Any]) -> None:
         assert text.endswith("<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n")
     else:
         assert text == "<bos>User: Hi\nAssistant: Hello!\nUser: Name a fruit.\nAssistant:"
+
+
+def test_real_conversion_killed_midway_then_works(tmp_path) -> None:
+    """A real SmolLM2 conversion interrupted (SIGINT) and killed (SIGKILL) mid-way leaves no
+    folder that loads as converted; the next run converts and loads it (issue 25, item 3)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import specplug
+
+    models.locate_gguf("smollm2-135m")  # the package is installed (the README's setup)
+    env = {**os.environ, "SPECPLUG_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(specplug.__file__).parents[1])}
+    code = ("from specplug import models; "
+            "print('LOADED', models.load_model('smollm2-135m')[0].config.vocab_size)")
+    folder = tmp_path / "cache" / "models"
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait until the conversion has started
+            if "converting smollm2-135m" in line:
+                break
+        time.sleep(4.0)
+        proc.send_signal(sig)
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert not (folder / "smollm2-135m").exists()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED 49152" in proc.stdout
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".")
+                 and not p.name.endswith(".lock")]
+    assert leftovers == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import statistics
 import time
@@ -16,7 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from specplug.cost import CostModel
+from specplug.errors import CacheDirError
+from specplug.files import file_lock, read_record, remove_stale_builds, write_record
 from specplug.paths import cache_root
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CALIBRATION_WIDTHS", "cached_calibration", "calibrate", "cost_cache_dir"]
 
@@ -50,23 +55,55 @@ def cost_cache_dir() -> Path:
 def cached_calibration(key: dict, measure: Callable[[], CostModel], use_cache: bool = True
                        ) -> CostModel:
     """The calibration stored for ``key`` (model, device, dtype, threads), or ``measure()``'s,
-    stored. ``use_cache=False`` or ``SPECPLUG_COST_CACHE=0`` measures and stores nothing."""
+    stored. ``use_cache=False`` or ``SPECPLUG_COST_CACHE=0`` measures and stores nothing.
+
+    The file is a checksummed record (``specplug.files.write_record``) written atomically;
+    one that is truncated, edited or of another version is measured again. Processes that
+    start together on an empty cache measure once: the others wait on the file lock, then
+    read. A cache folder that cannot be written keeps the curve in memory, with one warning.
+    """
     use_cache = use_cache and os.environ.get("SPECPLUG_COST_CACHE") != "0"
+    if not use_cache:
+        return measure()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cost_cache_dir() / f"{digest}.json"
-    if use_cache and path.is_file():
-        try:
-            return CostModel.from_dict(json.loads(path.read_text())["curve"])
-        except (ValueError, KeyError, TypeError, AttributeError, OSError):
-            pass  # unreadable: measure again and overwrite
-    model = measure()
-    if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "measured": time.strftime("%Y-%m-%d %H:%M"),
-                                       "curve": model.to_dict()}, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only cache: keep the curve for this process only
-    return model
+    stored = _read(path)
+    if stored is not None:
+        return stored
+    try:
+        with file_lock(path):
+            stored = _read(path)  # another process may have measured while we waited
+            if stored is not None:
+                return stored
+            remove_stale_builds(path)
+            model = measure()
+            write_record(path, _RECORD, _VERSION, {
+                "key": key, "measured": time.strftime("%Y-%m-%d %H:%M"),
+                "curve": model.to_dict()})
+            return model
+    except (CacheDirError, OSError) as err:
+        _warn_memory_only(path, err)
+        return measure()
+
+
+_RECORD = "specplug-cost-curve"
+_VERSION = 2  # 2: a checksummed record (files.write_record); 1 was bare JSON
+_warned: set[Path] = set()
+
+
+def _read(path: Path) -> CostModel | None:
+    payload = read_record(path, _RECORD, _VERSION)
+    if payload is None:
+        return None
+    try:
+        return CostModel.from_dict(payload["curve"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _warn_memory_only(path: Path, err: Exception) -> None:
+    if path.parent not in _warned:
+        _warned.add(path.parent)
+        logger.warning("specplug: cannot write the cost-curve cache at %s (%s); the curve is "
+                       "kept in memory for this process only (set SPECPLUG_COST_CACHE to a "
+                       "writable folder, or 0 to turn the cache off)", path.parent, err)

@@ -41,10 +41,8 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +50,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from specplug.files import (
+    atomic_write_text,
+    building_dir,
+    file_lock,
+    file_manifest,
+    matches_manifest,
+    remove_stale_builds,
+    temporary_sibling,
+)
 from specplug.paths import cache_root
 
 if TYPE_CHECKING:
@@ -78,7 +85,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bump when the converted folder layout or conversion procedure changes: old caches are redone.
-CONVERT_VERSION = 2  # 2: conversions are checked to add BOS where the GGUF asks (see below)
+CONVERT_VERSION = 3  # 2: conversions are checked to add BOS where the GGUF asks (see below);
+#                    3: the marker lists every file's size, checked on each load
 #: Written last into a converted folder; a folder without a matching one is rebuilt.
 MARKER_FILENAME = "specplug-convert.json"
 
@@ -155,18 +163,6 @@ def model_cache_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an inter-process lock on ``path`` (created if needed) for the ``with`` body."""
-    from filelock import FileLock  # a dependency of huggingface_hub, hence of transformers
-
-    from specplug.errors import writable_dir
-
-    writable_dir(path.parent)  # a read-only cache fails here, naming SPECPLUG_CACHE_DIR
-    with FileLock(str(path)):
-        yield
-
-
 # --------------------------------------------------------------------------- GGUF sources
 
 
@@ -240,13 +236,14 @@ def _assemble_gemma3(spec: ModelSpec) -> Path:
     """Reassemble (once) the split GGUF into ``<cache>/gguf/``; the package checks its sha256."""
     assembler = _import_assembler(spec)
     target = cache_dir() / "gguf" / assembler.MODEL_NAME
-    with _file_lock(target.with_name(f".{target.name}.lock")):
+    with file_lock(target):
+        remove_stale_builds(target)
         if target.is_file():
             try:
                 return Path(assembler.assemble(output_path=target))  # verifies the sha256
             except FileExistsError:  # wrong sha256: a broken earlier copy
                 target.unlink()
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+        partial = temporary_sibling(target)
         try:
             assembler.assemble(output_path=partial, overwrite=True)
             os.replace(partial, target)
@@ -369,12 +366,14 @@ def _is_cache_valid(folder: Path, fingerprint: Mapping[str, Any]) -> bool:
         and marker.get("convert_version") == CONVERT_VERSION
         and marker.get("source") == dict(fingerprint)
         and (folder / "config.json").is_file()
+        and matches_manifest(folder, marker.get("files"))
     )
 
 
 def _write_marker(folder: Path, fingerprint: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
-    marker = {"convert_version": CONVERT_VERSION, "source": dict(fingerprint), **extra}
-    (folder / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    marker = {"convert_version": CONVERT_VERSION, "source": dict(fingerprint),
+              "files": file_manifest(folder), **extra}
+    atomic_write_text(folder / MARKER_FILENAME, json.dumps(marker, indent=2) + "\n")
 
 
 def _normalize_file_modes(folder: Path) -> None:
@@ -392,25 +391,10 @@ def _normalize_file_modes(folder: Path) -> None:
             path.chmod(mode)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move finished folder ``src`` to ``dst``, replacing whatever was there."""
-    if dst.exists() or dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(src, dst)
-
-
 def _build_cache(spec: ModelSpec, target: Path, fingerprint: Mapping[str, Any]) -> None:
-    """Convert into a temp dir beside ``target``, mark it finished, then swap it in."""
-    tmp = target.parent / f".{spec.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()  # unlike tempfile.mkdtemp (0o700), honours the umask: the cache may be shared
-    try:
+    """Convert into a temporary folder beside ``target``, mark it finished (with the size of
+    every file it holds), then swap it in (``specplug.files.building_dir``)."""
+    with building_dir(target) as tmp:
         gguf_path = _locate_gguf(spec)
         logger.warning("specplug: converting %s from %s (once; ~1 min)", spec.name, gguf_path)
         started = time.perf_counter()
@@ -423,9 +407,6 @@ def _build_cache(spec: ModelSpec, target: Path, fingerprint: Mapping[str, Any]) 
             "seconds": round(time.perf_counter() - started, 1),
         }
         _write_marker(tmp, fingerprint, extra)
-        _replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ensure_converted(spec: ModelSpec) -> Path:
@@ -434,8 +415,9 @@ def _ensure_converted(spec: ModelSpec) -> Path:
     target = model_cache_dir(spec.name)
     if _is_cache_valid(target, fingerprint):
         return target
-    with _file_lock(target.parent / f".{spec.name}.lock"):
+    with file_lock(target):
         if not _is_cache_valid(target, fingerprint):  # another process may have just finished
+            remove_stale_builds(target)  # what a killed converter left; we hold the lock
             _build_cache(spec, target, fingerprint)
     return target
 

@@ -171,13 +171,39 @@ def test_unwritable_cache_dir_names_the_variable(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("SPECPLUG_CACHE_DIR", str(blocker / "cache"))
-    from specplug.models import _file_lock
+    from specplug.files import file_lock
 
-    lock = blocker / "cache" / "models" / ".x.lock"
     with (pytest.raises(CacheDirError, match="set SPECPLUG_CACHE_DIR to a writable folder"),
-          _file_lock(lock)):
+          file_lock(blocker / "cache" / "models" / "x")):
         pass
     assert issubclass(CacheDirError, SpecplugError) and issubclass(SpecplugError, ValueError)
+
+
+def test_unwritable_cost_cache_keeps_the_curve_in_memory_with_one_warning(
+        tmp_path, monkeypatch, caplog):
+    """A cost curve is only an optimisation: a cache that cannot be written measures each time
+    (in this process) and says so once, instead of failing the generation."""
+    import logging
+
+    from specplug import calibration
+    from specplug.cost import CostModel
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPECPLUG_COST_CACHE", str(blocker / "cost"))
+    monkeypatch.setattr(calibration, "_warned", set())
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return CostModel(calibrated=True)
+
+    with caplog.at_level(logging.WARNING, logger="specplug.calibration"):
+        for _ in range(2):
+            assert calibration.cached_calibration({"model": "m"}, measure).calibrated
+    assert len(measured) == 2
+    warnings = [r.getMessage() for r in caplog.records if "cost-curve cache" in r.getMessage()]
+    assert len(warnings) == 1 and "kept in memory" in warnings[0]
 
 
 # (command, its arguments, what argparse's one line must say): refused before any work
@@ -379,3 +405,17 @@ def test_a_tree_deeper_than_the_heads_is_refused_by_name(head, tiny):
                        "deep; set num_speculative_tokens"):
         hf.generate(tiny, torch.tensor(PROMPT), max_new_tokens=3, method="medusa",
                     checkpoint=str(head), num_speculative_tokens=4)
+
+
+def test_no_home_folder_names_the_variable(monkeypatch):
+    from pathlib import Path
+
+    from specplug.paths import cache_root
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("SPECPLUG_CACHE_DIR", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(CacheDirError, match="set SPECPLUG_CACHE_DIR to a writable folder"):
+        cache_root()

@@ -255,7 +255,7 @@ def test_failed_conversion_leaves_no_cache(fake: FakeConversion, cache_root: Pat
         models.resolve_model_dir("smollm2-135m")
     models_dir = cache_root / "models"
     assert not (models_dir / "smollm2-135m").exists()
-    assert [p.name for p in models_dir.iterdir() if ".tmp-" in p.name] == []
+    assert [p.name for p in models_dir.iterdir() if not p.name.endswith(".lock")] == []
     fake.fail = False
     models.resolve_model_dir("smollm2-135m")
     assert fake.calls == 2

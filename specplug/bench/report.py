@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from specplug.bench.harness import BASELINE, Row
+from specplug.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["machine_info", "markdown_table", "replot", "write_plots", "write_results"]
 
@@ -112,7 +113,7 @@ def write_plots(rows: list[Row], aggregates: dict[str, Any], out: Path, title: s
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(out / "speedup_by_category.png", dpi=110)
+    _save_figure(fig, out / "speedup_by_category.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -128,7 +129,7 @@ def write_plots(rows: list[Row], aggregates: dict[str, Any], out: Path, title: s
     ax.set_title(f"{title}: accepted length per step")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "accepted_lengths.png", dpi=110)
+    _save_figure(fig, out / "accepted_lengths.png")
     plt.close(fig)
     return ["speedup_by_category.png", "accepted_lengths.png"]
 
@@ -143,6 +144,15 @@ def replot(folder: Path) -> list[str]:
     return write_plots(rows, doc["aggregates"], folder, title)
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """Render ``fig`` as PNG and write it atomically (a killed run leaves no half image)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_results(out: Path, settings: dict[str, Any], rows: list[Row],
                   aggregates: dict[str, Any], plots: bool = True,
                   concurrent: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -154,9 +164,9 @@ def write_results(out: Path, settings: dict[str, Any], rows: list[Row],
            "rows": [r.to_json() for r in rows], "aggregates": aggregates}
     if concurrent:
         doc["concurrent"] = concurrent
-    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=1))
     table = markdown_table(aggregates, title) + concurrent_table(concurrent or {})
-    (out / "results.md").write_text(table)
+    atomic_write_text(out / "results.md", table)
     doc["files"] = ["results.json", "results.md"]
     if plots:
         doc["files"] += write_plots(rows, aggregates, out, title)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from specplug.files import atomic_write_text, temporary_sibling
 from specplug.heads.config import HeadConfig
 from specplug.heads.nets import DraftNet, build_net
 
@@ -26,8 +27,13 @@ def save_head(net: DraftNet, folder: str | os.PathLike[str],
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
              for k, v in net.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata=metadata or {})
-    (out / "config.json").write_text(net.config.model_dump_json(indent=2) + "\n")
+    weights = temporary_sibling(out / "model.safetensors")
+    try:  # weights first, each file atomically: a killed writer leaves the old pair or none
+        save_file(state, str(weights), metadata=metadata or {})
+        os.replace(weights, out / "model.safetensors")
+    finally:
+        weights.unlink(missing_ok=True)
+    atomic_write_text(out / "config.json", net.config.model_dump_json(indent=2) + "\n")
     return out
 
 

@@ -30,6 +30,17 @@ from typing import Any
 
 import torch
 
+from specplug.files import (
+    atomic_write_text,
+    building_dir,
+    file_lock,
+    file_manifest,
+    matches_manifest,
+    read_record,
+    remove_stale_builds,
+    temporary_sibling,
+    write_record,
+)
 from specplug.heads.nets import DraftNet
 
 __all__ = ["cached_vllm_eagle", "embedding_scale", "export_vllm_eagle", "vllm_eagle_state"]
@@ -132,13 +143,18 @@ def export_vllm_eagle(head: DraftNet | str | os.PathLike[str], out: str | os.Pat
     scale = embedding_scale(target_config)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(vllm_eagle_state(net, scale), str(folder / "model.safetensors"),
-              metadata={"format": "pt", "exported_by": "specplug", "embed_scale": repr(scale)})
+    weights = temporary_sibling(folder / "model.safetensors")
+    try:
+        save_file(vllm_eagle_state(net, scale), str(weights), metadata={
+            "format": "pt", "exported_by": "specplug", "embed_scale": repr(scale)})
+        os.replace(weights, folder / "model.safetensors")
+    finally:
+        weights.unlink(missing_ok=True)
     config = _llama_config(net, target_config)
     config["specplug"] = {"kind": net.config.kind, "target": net.config.target,
                           "embed_scale": scale,
                           "draft_vocab_size": net.config.draft_vocab_size}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     return folder
 
 
@@ -156,14 +172,22 @@ def cached_vllm_eagle(head_folder: str | os.PathLike[str], target_config: Mappin
     digest.update(repr(embedding_scale(target_config)).encode())
     base = Path(root) if root is not None else cache_dir() / "vllm-eagle"
     folder = base / f"{src.name}-{digest.hexdigest()[:16]}"
-    if (folder / "config.json").is_file():
+    if _finished_export(folder):
         return folder
-    tmp = base / f".{folder.name}.{os.getpid()}"
-    export_vllm_eagle(src, tmp, target_config)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process exported it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with file_lock(folder):
+        if not _finished_export(folder):  # another process may have exported it meanwhile
+            remove_stale_builds(folder)
+            with building_dir(folder) as tmp:
+                export_vllm_eagle(src, tmp, target_config)
+                write_record(tmp / _EXPORT_MARKER, "specplug-vllm-export", 1,
+                             {"files": file_manifest(tmp)})
     return folder
+
+
+_EXPORT_MARKER = "specplug-export.json"
+
+
+def _finished_export(folder: Path) -> bool:
+    """True when ``folder`` is a complete export: its marker lists every file, each intact."""
+    marker = read_record(folder / _EXPORT_MARKER, "specplug-vllm-export", 1)
+    return marker is not None and matches_manifest(folder, marker.get("files"))

@@ -14,6 +14,16 @@ from typing import Any
 import torch
 
 from specplug.errors import SpecplugError
+from specplug.files import (
+    atomic_write_text,
+    building_dir,
+    file_lock,
+    file_manifest,
+    matches_manifest,
+    read_record,
+    remove_stale_builds,
+    write_record,
+)
 from specplug.heads.config import HeadConfig
 from specplug.multimodal import media_token_ids
 from specplug.train.data import (
@@ -83,19 +93,45 @@ def training_prompts(ds: DataSettings) -> list[str]:
 def build_dataset(model: Any, tokenizer: Any, model_name: str, ds: DataSettings,
                   cache: Path, progress: bool = True) -> tuple[list[Example], list[int]]:
     """Examples (cached under ``cache``) and, per example, the index of its prompt."""
-    from safetensors.torch import load_file, save_file
-
     prompts = training_prompts(ds)
     key = _digest(model_name, ds, prompts)
     folder = cache / key
-    if (folder / "examples.safetensors").is_file():
+    cached = _read_dataset(folder)
+    if cached is not None:
+        return cached
+    with file_lock(folder):  # two trainers on one cache build the data once
+        cached = _read_dataset(folder)
+        if cached is not None:
+            return cached
+        remove_stale_builds(folder)
+        return _build_dataset(model, tokenizer, ds, prompts, folder, progress)
+
+
+_DATA_RECORD = "specplug-train-data"
+_DATA_VERSION = 1
+
+
+def _read_dataset(folder: Path) -> tuple[list[Example], list[int]] | None:
+    """The examples cached in ``folder``, or None when absent, unfinished or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_record(folder / "examples.json", _DATA_RECORD, _DATA_VERSION)
+    if meta is None or not matches_manifest(folder, meta.get("files")):
+        return None
+    try:
         t = load_file(str(folder / "examples.safetensors"))
-        meta = json.loads((folder / "examples.json").read_text())
-        examples = []
-        for (a, b), p in zip(meta["spans"], meta["prompt_lens"]):
-            examples.append(Example(t["ids"][a:b], t["features"][a:b], t["top_ids"][a:b],
-                                    t["top_probs"][a:b], p))
-        return examples, meta["prompt_index"]
+        examples = [Example(t["ids"][a:b], t["features"][a:b], t["top_ids"][a:b],
+                            t["top_probs"][a:b], p)
+                    for (a, b), p in zip(meta["spans"], meta["prompt_lens"])]
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError):
+        return None
+    return examples, meta["prompt_index"]
+
+
+def _build_dataset(model: Any, tokenizer: Any, ds: DataSettings, prompts: list[str],
+                   folder: Path, progress: bool) -> tuple[list[Example], list[int]]:
+    from safetensors.torch import save_file
 
     if ds.expand:
         bar = _Bar(ds.expand, "writing prompts", progress)
@@ -122,17 +158,18 @@ def build_dataset(model: Any, tokenizer: Any, model_name: str, ds: DataSettings,
     for ex in examples:
         spans.append([a, a + ex.ids.shape[0]])
         a += ex.ids.shape[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"ids": torch.cat([e.ids for e in examples]),
-               "features": torch.cat([e.features for e in examples]),
-               "top_ids": torch.cat([e.top_ids for e in examples]),
-               "top_probs": torch.cat([e.top_probs for e in examples])},
-              str(folder / "examples.safetensors"))
     index = list(range(len(examples)))
-    (folder / "examples.json").write_text(json.dumps(
-        {"spans": spans, "prompt_lens": [len(q.prompt) for q in seqs],
-         "prompt_index": index, "settings": asdict(ds),
-         "prompts": [tokenizer.decode(q.prompt) for q in seqs]}))
+    with building_dir(folder) as tmp:  # a killed build leaves nothing that reads as finished
+        save_file({"ids": torch.cat([e.ids for e in examples]),
+                   "features": torch.cat([e.features for e in examples]),
+                   "top_ids": torch.cat([e.top_ids for e in examples]),
+                   "top_probs": torch.cat([e.top_probs for e in examples])},
+                  str(tmp / "examples.safetensors"))
+        write_record(tmp / "examples.json", _DATA_RECORD, _DATA_VERSION, {
+            "files": file_manifest(tmp, ["examples.safetensors"]),
+            "spans": spans, "prompt_lens": [len(q.prompt) for q in seqs],
+            "prompt_index": index, "settings": asdict(ds),
+            "prompts": [tokenizer.decode(q.prompt) for q in seqs]})
     return examples, index
 
 
@@ -290,8 +327,8 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
         "acceptance": acceptance, "stages": stages, "init": str(init) if init else None,
         "checkpoint_mb": round((outdir / "model.safetensors").stat().st_size / 2**20, 2),
     }
-    (outdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (outdir / "report.md").write_text(_markdown(report))
+    atomic_write_text(outdir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(outdir / "report.md", _markdown(report))
     return report
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from specplug.files import building_dir
 from specplug.heads.nets import DraftNet
 
 __all__ = ["TrainSettings", "Example", "build_draft_vocab", "make_batches", "head_loss",
@@ -193,28 +194,23 @@ def evaluate(net: DraftNet, examples: list[Example], settings: TrainSettings,
 def save_state(folder: Path, net: DraftNet, opt: torch.optim.Optimizer, step: int,
                epoch: int, history: list[dict]) -> None:
     """Resumable training state: the head, the optimizer's tensors (safetensors) and the
-    counters (JSON). Written to a temporary folder, then renamed."""
+    counters (JSON). Built in a temporary folder, then swapped in (``files.building_dir``)."""
     from safetensors.torch import save_file
 
     from specplug.heads.checkpoint import save_head
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    save_head(net, tmp, dtype=torch.float32)
-    tensors, scalars = {}, {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0:
-                tensors[f"{i}.{k}"] = v.contiguous()
-            else:
-                scalars[f"{i}.{k}"] = float(v)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer.json").write_text(json.dumps(
-        {"step": step, "epoch": epoch, "scalars": scalars, "history": history}))
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with building_dir(folder) as tmp:  # a killed trainer leaves the previous state intact
+        save_head(net, tmp, dtype=torch.float32)
+        tensors, scalars = {}, {}
+        for i, st in opt.state_dict()["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    tensors[f"{i}.{k}"] = v.contiguous()
+                else:
+                    scalars[f"{i}.{k}"] = float(v)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(
+            {"step": step, "epoch": epoch, "scalars": scalars, "history": history}))
 
 
 def load_state(folder: Path, net: DraftNet, opt: torch.optim.Optimizer
