@@ -284,7 +284,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     report = train(args.model, args.drafter, args.out, data=data, settings=settings,
                    num_heads=args.num_heads, draft_vocab_size=args.draft_vocab,
                    cache=args.cache, progress=not args.no_progress, command=command,
-                   image_data=args.image_data, stage2_settings=stage2, init=args.init)
+                   image_data=args.image_data, stage2_settings=stage2, init=args.init,
+                   shards=args.shards)
     h = report["heldout"]
     print(f"{args.drafter} head for {args.model}: {args.out}")
     for d in h.get("top1", {}):
@@ -292,6 +293,66 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"  held-out mean accepted tokens per step: "
           f"{report['acceptance']['mean_accepted_per_step']:.2f}  "
           f"(wall {report['wall_s']['total']:.0f} s, {report['checkpoint_mb']} MB)")
+    return 0
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    parse = _float_in(0.0, 2.0)
+    try:
+        return tuple(parse(t) for t in text.split(",") if t.strip())
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of temperatures: {err}"
+                                         ) from None
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got "
+                                         f"{text!r}") from None
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from specplug.bench.prompts import load_questions
+    from specplug.models import load_model
+    from specplug.train.data import SEED_TASKS, load_prompts
+    from specplug.train.shards import ShardSettings, build_shards, prompt_set
+
+    base = [] if args.no_seed_tasks else load_prompts(SEED_TASKS)
+    for f in args.data or []:
+        base += load_prompts(f)
+    excluded = [t for path in args.exclude or [] for q in load_questions(path) for t in q.turns]
+    model, tokenizer = load_model(args.model)
+    settings = ShardSettings(model=str(args.model), hidden_layers=args.hidden_layers,
+                             topk=args.topk, temperatures=args.temperatures,
+                             max_new_tokens=args.max_new_tokens, chunk=args.chunk,
+                             batch_size=args.batch_size, seed=args.seed)
+    prompts = prompt_set(model, tokenizer, args.out, base, args.expand, excluded,
+                         seed=args.seed, batch_size=args.batch_size)
+    started = time.perf_counter()
+
+    def show(e: dict[str, Any]) -> None:
+        if not args.no_progress:
+            print(f"  shard {e['unit'] + 1}/{e['units']}: {e['tokens']} tokens "
+                  f"(T={e['temperature']}), {e['total_tokens']} in all, "
+                  f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+    report = build_shards(model, tokenizer, prompts, Path(args.out), settings,
+                          max_tokens=args.tokens,
+                          max_bytes=int(args.max_gb * 2**30) if args.max_gb else None,
+                          progress=show)
+    rates = report.rates()
+    print(json.dumps({"out": args.out, "prompts": len(prompts), "shards": report.shards,
+                      "tokens": report.tokens, "response_tokens": report.response_tokens,
+                      "gigabytes": round(report.bytes / 2**30, 3), "complete": report.complete,
+                      "this_run": {"shards": report.new_shards, "tokens": report.new_tokens,
+                                   "response_tokens": report.new_response_tokens,
+                                   "generate_s": round(report.seconds_generate, 1),
+                                   "prefill_s": round(report.seconds_prefill, 1),
+                                   **{k: round(v, 1) for k, v in rates.items()}}}))
     return 0
 
 
@@ -392,17 +453,52 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None, metavar="HEAD",
                    help="start from a trained head (an eagle head gives msd its text stage)")
     t.add_argument("--cache", default=None, help="folder for the generated data (reused)")
+    t.add_argument("--shards", default=None, metavar="DIR",
+                   help="train on a folder `specplug data` built instead of generating data")
     t.add_argument("--out", required=True, help="checkpoint folder (resumes if it holds a "
                                                 "training state)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("data", help="build training data at scale: the target's batched "
+                                    "responses and teacher-forced features, in resumable "
+                                    "safetensors shards")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--out", required=True, help="shard folder (a second run resumes it)")
+    d.add_argument("--data", action="append", default=None, metavar="FILE",
+                   help="extra prompts: JSONL (instruction/prompt/text/turns) or one per line")
+    d.add_argument("--no-seed-tasks", action="store_true",
+                   help="do not use the shipped Self-Instruct seed tasks")
+    d.add_argument("--expand", type=_int_at_least(0), default=2000,
+                   help="new prompts the target writes from the others (self-instruct)")
+    d.add_argument("--exclude", action="append", default=None, metavar="JSONL",
+                   help="prompts never to train on (MT-bench format; e.g. the benchmark's "
+                        "benchmarks/prompts.jsonl)")
+    d.add_argument("--temperatures", type=_float_list, default=(0.0, 0.8),
+                   help="one pass over the prompts per temperature (0 = greedy)")
+    d.add_argument("--hidden-layers", type=_int_list, default=(-1,),
+                   help="the target layers whose features are stored (comma-separated)")
+    d.add_argument("--topk", type=_int_at_least(1), default=16,
+                   help="the target's top-k next-token distribution stored per token")
+    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=192,
+                   help="per response")
+    d.add_argument("--chunk", type=_int_at_least(1), default=64, help="prompts per shard")
+    d.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="rows per batched generate")
+    d.add_argument("--tokens", type=_int_at_least(1), default=None,
+                   help="stop after the shards hold about N tokens")
+    d.add_argument("--max-gb", type=_float_in(0.0, low_open=True), default=None,
+                   help="stop after the shards take about N GiB")
+    d.add_argument("--seed", type=_int_at_least(0), default=0)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_cmd_data)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.func is _cmd_train:
+        if args.func in (_cmd_train, _cmd_data):
             return args.func(args)
         import torch
 

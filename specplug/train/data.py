@@ -83,8 +83,10 @@ def load_prompts(path: str | Path) -> list[str]:
 @torch.no_grad()
 def _generate(model: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
               pad_id: int, eos: list[int], sample: bool, seed: int,
-              progress: Callable[[int], None] | None = None) -> list[list[int]]:
-    """Batched ``generate`` over left-padded prompts; returns the new tokens (EOS cut)."""
+              progress: Callable[[int], None] | None = None, temperature: float = 0.8,
+              top_p: float = 0.95) -> list[list[int]]:
+    """Batched ``generate`` over left-padded prompts (greedy, or sampled at ``temperature``
+    with ``top_p`` from ``torch.manual_seed(seed)``); returns the new tokens (EOS cut)."""
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths
     torch.manual_seed(seed)
@@ -96,7 +98,7 @@ def _generate(model: Any, prompts: list[list[int]], max_new_tokens: int, batch_s
         for r, i in enumerate(idx):
             ids[r, L - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, L - len(prompts[i]):] = 1
-        kw: dict[str, Any] = ({"do_sample": True, "temperature": 0.8, "top_p": 0.95}
+        kw: dict[str, Any] = ({"do_sample": True, "temperature": temperature, "top_p": top_p}
                               if sample else {"do_sample": False})
         gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=pad_id, eos_token_id=eos or None, **kw)

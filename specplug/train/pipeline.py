@@ -207,7 +207,8 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
           cache: str | os.PathLike[str] | None = None, progress: bool = True,
           command: str = "", image_data: str | os.PathLike[str] | None = None,
           stage2_settings: TrainSettings | None = None,
-          init: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+          init: str | os.PathLike[str] | None = None,
+          shards: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Train a ``kind`` head for ``model_name``; writes the checkpoint and ``report.json`` /
     ``report.md`` to ``out`` and returns the report.
 
@@ -215,7 +216,10 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     data (the prompts above, no image), then on ``image_data`` (JSONL of ``{"image", "prompt"}``:
     the target answers each with the image; the visual adapter learns here) with
     ``stage2_settings``. ``init``: start from a trained head (an ``eagle`` head of the same
-    language model gives ``msd`` its text stage; its visual adapter starts fresh)."""
+    language model gives ``msd`` its text stage; its visual adapter starts fresh).
+    ``shards``: train on a folder ``specplug data`` built (``specplug.train.shards``) instead
+    of generating data here; its hidden layers are the head's, and the held-out split is by
+    prompt, so no prompt's greedy and sampled answers land on both sides."""
     from specplug.heads.checkpoint import save_head
     from specplug.heads.nets import build_net
     from specplug.models import cache_dir, load_model
@@ -223,7 +227,16 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     t0 = time.perf_counter()
     data = data or DataSettings()
     settings = settings or TrainSettings.for_kind(kind)
-    training_prompts(data)  # a bad data file fails here, before --out is created
+    index = None
+    if shards is not None:
+        from specplug.train.shards import iter_shard_examples, read_index
+
+        index = read_index(shards)
+        if index is None:
+            list(iter_shard_examples(shards))  # raises, naming the folder and the fix
+        data = replace(data, hidden_layers=tuple(index["settings"]["hidden_layers"]))
+    else:
+        training_prompts(data)  # a bad data file fails here, before --out is created
     if image_data is not None:
         from specplug.train.data import load_image_prompts
 
@@ -238,7 +251,12 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     elif image_data is not None:
         raise ValueError(f"image_data is for the msd head; a {kind} head trains on text")
     cache_root = Path(cache) if cache else cache_dir() / "train" / Path(str(model_name)).name
-    examples, _ = build_dataset(model, tok, str(model_name), data, cache_root, progress)
+    if shards is not None:
+        pairs = list(iter_shard_examples(shards, with_prompt_index=True))
+        examples, prompt_of = [e for e, _ in pairs], [i for _, i in pairs]
+    else:
+        examples, prompt_of = build_dataset(model, tok, str(model_name), data, cache_root,
+                                            progress)
     mm: list[tuple[Example, dict[str, Any]]] = []
     if image_data is not None:
         from specplug.models import load_processor
@@ -255,11 +273,12 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     t_data = time.perf_counter() - t0
 
     rng = random.Random(1234)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    n_held = max(1, int(len(examples) * heldout)) if len(examples) > 1 else 0
-    held = [examples[i] for i in order[:n_held]]
-    trainset = [examples[i] for i in order[n_held:]] or held
+    groups = sorted(set(prompt_of))  # split by prompt: its answers stay on one side
+    rng.shuffle(groups)
+    n_held = max(1, int(len(groups) * heldout)) if len(groups) > 1 else 0
+    held_prompts = set(groups[:n_held])
+    held = [e for e, p in zip(examples, prompt_of) if p in held_prompts]
+    trainset = [e for e, p in zip(examples, prompt_of) if p not in held_prompts] or held
 
     mm_order = list(range(len(mm)))
     rng.shuffle(mm_order)
@@ -319,6 +338,9 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     report = {
         "model": str(model_name), "kind": kind, "command": command,
         "config": config.model_dump(), "settings": asdict(settings), "data": asdict(data),
+        "shards": ({"folder": str(shards), "settings": index["settings"],
+                    "tokens": sum(e["tokens"] for e in index["shards"])}
+                   if index is not None else None),
         "examples": {"train": len(trainset), "heldout": len(held),
                      "train_tokens": int(sum(e.ids.shape[0] for e in trainset))},
         "wall_s": {"data": round(t_data, 1), "train": round(t_train, 1),
