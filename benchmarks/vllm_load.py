@@ -27,6 +27,7 @@ the converted model folder). Exit status 1 when any check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -193,7 +194,9 @@ def disconnect_mid_stream(port: int, model: str, req: Request, chunks: int = 3) 
     except OSError:
         return False
     finally:
-        conn.sock and conn.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):  # already closed by the other side
+            if conn.sock is not None:
+                conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
 
 

@@ -70,6 +70,7 @@ def cached_calibration(key: dict, measure: Callable[[], CostModel], use_cache: b
     stored = _read(path)
     if stored is not None:
         return stored
+    model = None
     try:
         with file_lock(path):
             stored = _read(path)  # another process may have measured while we waited
@@ -81,9 +82,9 @@ def cached_calibration(key: dict, measure: Callable[[], CostModel], use_cache: b
                 "key": key, "measured": time.strftime("%Y-%m-%d %H:%M"),
                 "curve": model.to_dict()})
             return model
-    except (CacheDirError, OSError) as err:
+    except (CacheDirError, OSError) as err:  # the cache folder, not the measurement
         _warn_memory_only(path, err)
-        return measure()
+        return model if model is not None else measure()
 
 
 _RECORD = "specplug-cost-curve"

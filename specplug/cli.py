@@ -12,6 +12,9 @@ from typing import Any
 
 __all__ = ["main"]
 
+#: the benchmark's prompt set, relative to a checkout: ``specplug data`` leaves it out
+BENCHMARK_PROMPTS = "benchmarks/prompts.jsonl"
+
 
 def _parse_option(text: str) -> tuple[str, Any]:
     from specplug.config import parse_key_value
@@ -324,7 +327,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
     base = [] if args.no_seed_tasks else load_prompts(SEED_TASKS)
     for f in args.data or []:
         base += load_prompts(f)
-    excluded = [t for path in args.exclude or [] for q in load_questions(path) for t in q.turns]
+    exclude = args.exclude
+    if exclude is None and Path(BENCHMARK_PROMPTS).is_file():
+        exclude = [BENCHMARK_PROMPTS]  # never train on the benchmark
+    excluded = [t for path in exclude or [] for q in load_questions(path) for t in q.turns]
     model, tokenizer = load_model(args.model)
     settings = ShardSettings(model=str(args.model), hidden_layers=args.hidden_layers,
                              topk=args.topk, temperatures=args.temperatures,
@@ -394,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "engines sglang:none, sglang:ngram, sglang:specplug:DRAFTER[:...] "
                         "(docs/sglang.md); hf:greedy always runs first, and sglang:none "
                         "with any sglang: method (their bf16 reference)")
-    b.add_argument("--prompts", default="benchmarks/prompts.jsonl",
+    b.add_argument("--prompts", default=BENCHMARK_PROMPTS,
                    help="JSONL in the MT-bench question format")
     b.add_argument("--limit", type=_int_at_least(1), default=None, help="first N questions per category")
     b.add_argument("--categories", nargs="*", default=None)
@@ -472,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--expand", type=_int_at_least(0), default=2000,
                    help="new prompts the target writes from the others (self-instruct)")
     d.add_argument("--exclude", action="append", default=None, metavar="JSONL",
-                   help="prompts never to train on (MT-bench format; e.g. the benchmark's "
-                        "benchmarks/prompts.jsonl)")
+                   help="prompts never to train on (MT-bench format); default: "
+                        f"{BENCHMARK_PROMPTS} when it exists here")
     d.add_argument("--temperatures", type=_float_list, default=(0.0, 0.8),
                    help="one pass over the prompts per temperature (0 = greedy)")
     d.add_argument("--hidden-layers", type=_int_list, default=(-1,),

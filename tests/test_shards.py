@@ -169,6 +169,26 @@ def test_specplug_data_end_to_end(tmp_path, capsys):
     assert exc.value.code == 2 and "--temperatures" in capsys.readouterr().err
 
 
+def test_specplug_data_leaves_the_benchmark_out_by_default(tmp_path, monkeypatch, capsys):
+    """Run from a checkout (benchmarks/prompts.jsonl here), no --exclude: a training prompt
+    that is a benchmark turn is dropped all the same."""
+    from specplug.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_llama(0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "prompts.jsonl").write_text(json.dumps(
+        {"question_id": 1, "category": "x", "turns": [PROMPTS[3]]}) + "\n")
+    data = tmp_path / "prompts.txt"
+    data.write_text("\n".join(PROMPTS[:4]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "--model", str(folder), "--out", "shards", "--no-seed-tasks",
+                 "--data", str(data), "--expand", "0", "--temperatures", "0",
+                 "--max-new-tokens", "3", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompts"] == 3
+
+
 def test_specplug_train_on_shards_splits_held_out_by_prompt(tmp_path, capsys):
     from specplug.cli import main
 

@@ -25,6 +25,7 @@ finished shards hold ``max_tokens`` tokens or ``max_bytes`` bytes, or the units 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -196,9 +197,8 @@ def _unit_tensors(model: Any, tokenizer: Any, prompts: list[str], indices: list[
     feats = extract_features(model, [q for _, q in seqs], list(settings.hidden_layers),
                              settings.topk, batch_size=8 if vocab < 100_000 else 2)
     timer["prefill"] += time.perf_counter() - started
-    lens = [len(q.ids) for _, q in seqs]
-    starts = torch.zeros(len(seqs) + 1, dtype=torch.int64)
-    starts[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0) if lens else starts[1:]
+    starts = torch.tensor([0, *itertools.accumulate(len(q.ids) for _, q in seqs)],
+                          dtype=torch.int64)
     hidden = len(settings.hidden_layers) * model.config.get_text_config().hidden_size
 
     def cat(key: str, empty: torch.Tensor) -> torch.Tensor:
