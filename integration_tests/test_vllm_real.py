@@ -449,7 +449,7 @@ def test_openai_server_burst_identical_and_clean_shutdown(tmp_path):
 
 
 def test_load_script_small_bursts_identical_no_failures(tmp_path):
-    """``benchmarks/vllm_load.py`` at CI size: two real servers (plain and specplug), two bursts
+    """``benchmarks/serve_load.py`` at CI size: two real servers (plain and specplug), two bursts
     of 16 concurrent requests (greedy and sampled, streamed and not), clients that disconnect
     mid-stream, and requests vLLM must refuse with speculation on (HTTP 400). Every check of the
     script must pass: no failed request, greedy answers identical, 4xx refusals, serving after
@@ -459,14 +459,14 @@ def test_load_script_small_bursts_identical_no_failures(tmp_path):
 
     _vllm_available()
     model_dir()  # skips when the weights package is missing
-    spec = importlib.util.spec_from_file_location("vllm_load",
-                                                  HERE.parent / "benchmarks" / "vllm_load.py")
+    spec = importlib.util.spec_from_file_location("serve_load",
+                                                  HERE.parent / "benchmarks" / "serve_load.py")
     load = importlib.util.module_from_spec(spec)
-    sys.modules["vllm_load"] = load  # its dataclasses look their module up
+    sys.modules["serve_load"] = load  # its dataclasses look their module up
     spec.loader.exec_module(load)
     doc = load.run(load.argparse.Namespace(
-        model="smollm2-135m", requests=16, bursts=2, max_tokens=24, disconnects=2,
-        timeout=300.0, spec=json.dumps(load.DEFAULT_SPEC), out=str(tmp_path)))
+        engine="vllm", model="smollm2-135m", requests=16, bursts=2, max_tokens=24,
+        disconnects=2, timeout=300.0, spec=None, out=str(tmp_path)))
     assert doc["mismatches"] == []
     assert doc["checks"] == {k: True for k in doc["checks"]}, doc["bursts"]
     assert doc["spec_decode"]["accepted"] > 0

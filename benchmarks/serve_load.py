@@ -1,13 +1,18 @@
-"""Load test: real vLLM OpenAI servers with and without specplug, under bursts of requests.
+"""Load test: real OpenAI-compatible servers with and without specplug, under bursts.
 
-Two servers run side by side on 127.0.0.1: vLLM without speculation, and the same vLLM with
-``--speculative-config '{"method": "specplug", ...}'``. Each gets the same bursts in turn (the
+Two servers run side by side on 127.0.0.1: the engine without speculation, and the same engine
+with specplug. ``--engine vllm`` (default): vLLM, with ``--speculative-config '{"method":
+"specplug", ...}'``. ``--engine sglang``: SGLang's CPU build (bfloat16), with
+``--speculative-algorithm SPECPLUG`` and the options in ``SPECPLUG_SGLANG_CONFIG``. Each gets the same bursts in turn (the
 order alternates from burst to burst): ``--requests`` concurrent chat requests (first turns of
 ``benchmarks/prompts.jsonl``, so prompt lengths are mixed; greedy and sampled, streaming and
 not), plus clients that disconnect mid-stream and requests with parameters the speculative
-server must refuse (``min_p``, ``logit_bias``: vLLM does not support them with speculative
-decoding) with an HTTP 4xx. Checked, per burst: every greedy answer of the speculative server
-is the plain server's answer to the same request; no request fails or hangs (each has a
+server must refuse (vLLM: ``min_p``, ``logit_bias``, which it does not support with speculative
+decoding; SGLang: a negative temperature and a top_p above 1) with an HTTP 4xx. Checked, per
+burst: every greedy answer of the speculative server is the plain server's answer to the same
+request (SGLang computes in bfloat16, whose rounding depends on the batch: there a greedy
+answer may part from the plain one only where the plain server's two likeliest tokens are
+within ``TIE_NATS``, judged from its own log-probabilities); no request fails or hangs (each has a
 timeout); both servers keep serving after the disconnects and refusals; the resident memory
 of each server's process tree after the last burst is within 10% of after the first.
 Reported: requests/s, p50/p99 latency and completion tokens/s of each server.
@@ -17,11 +22,14 @@ Generator does not use offset`` in ``gpu_model_runner._bookkeeping_sync``) when 
 its own seed is sampled in the same step as another prompt's unfinished chunked prefill, with
 or without speculation (seen here on the plain server).
 
-    python benchmarks/vllm_load.py --out benchmarks/results/smollm2-135m-vllm-load
+    python benchmarks/serve_load.py --out benchmarks/results/smollm2-135m-vllm-load
+    SPECPLUG_SGLANG_ENGINE_PYTHON=... python benchmarks/serve_load.py --engine sglang \
+        --out benchmarks/results/smollm2-135m-sglang-load
 
-The servers run under ``SPECPLUG_VLLM_PYTHON`` (default ``.venv-vllm/bin/python``, built by
-``scripts/setup.sh dev``); this client needs only the standard library and specplug (to find
-the converted model folder). Exit status 1 when any check fails.
+vLLM runs under ``SPECPLUG_VLLM_PYTHON`` (default ``.venv-vllm/bin/python``, built by
+``scripts/setup.sh dev``), SGLang under ``SPECPLUG_SGLANG_ENGINE_PYTHON`` (docs/sglang.md says
+how to build its CPU engine); this client needs only the standard library and specplug (to
+find the converted model folder). Exit status 1 when any check fails.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -47,8 +56,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SPEC = {"method": "specplug", "drafter": "ngram", "num_speculative_tokens": 4}
-#: requests vLLM refuses when speculative decoding is on (sampling_params._validate_spec_decode)
-REFUSED = ({"min_p": 0.1}, {"logit_bias": {"11": 5.0}})
+#: SGLang's default: the adapter's DEFAULT_OPTIONS (11 drafts fill NGRAM's 12 slots)
+DEFAULT_SGLANG_SPEC = {"drafter": "ngram", "num_speculative_tokens": 11}
+#: requests the speculative server must refuse: vLLM, with speculative decoding on
+#: (sampling_params._validate_spec_decode); SGLang, out of range
+REFUSED = {"vllm": ({"min_p": 0.1}, {"logit_bias": {"11": 5.0}}),
+           "sglang": ({"temperature": -1.0}, {"top_p": 2.0})}
+#: SGLang (bfloat16): a greedy answer may part at a token this close to the likeliest (nats)
+TIE_NATS = 0.25
 RSS_TOLERANCE = 0.10
 
 
@@ -78,6 +93,8 @@ class Result:
     tokens: int = 0
     latency: float = 0.0
     error: str = ""
+    #: per generated token (only where asked): ``(token, {token: logprob})`` of its top 5
+    top: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -133,19 +150,29 @@ def build_requests(n: int, max_tokens: int, prompts_file: Path = HERE / "prompts
             for i in range(n)]
 
 
-def _body(model: str, req: Request, **extra: Any) -> dict[str, Any]:
+def _body(model: str, req: Request, logprobs: bool = False, **extra: Any) -> dict[str, Any]:
     body = {"model": model, "messages": [{"role": "user", "content": req.prompt}],
             "max_tokens": req.max_tokens, "temperature": req.temperature,
             "stream": req.stream, **extra}
+    if logprobs and req.greedy:
+        body.update(logprobs=True, top_logprobs=5)
     if req.stream:
         body["stream_options"] = {"include_usage": True}
     return body
 
 
-def send(port: int, model: str, req: Request, timeout: float) -> Result:
-    """POST ``req`` to ``/v1/chat/completions``; a streamed answer is read to its end."""
+def _tops(choice: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    content = (choice.get("logprobs") or {}).get("content") or []
+    return [(c["token"], {t["token"]: t["logprob"] for t in c.get("top_logprobs") or []})
+            for c in content]
+
+
+def send(port: int, model: str, req: Request, timeout: float, logprobs: bool = False
+         ) -> Result:
+    """POST ``req`` to ``/v1/chat/completions``; a streamed answer is read to its end.
+    ``logprobs``: a greedy request also asks for each token's top 5 log-probabilities."""
     started = time.perf_counter()
-    data = json.dumps(_body(model, req)).encode()
+    data = json.dumps(_body(model, req, logprobs)).encode()
     http_req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=data,
                                       headers={"Content-Type": "application/json"})
     try:
@@ -154,8 +181,9 @@ def send(port: int, model: str, req: Request, timeout: float) -> Result:
                 doc = json.loads(resp.read())
                 text = doc["choices"][0]["message"]["content"] or ""
                 tokens = doc["usage"]["completion_tokens"]
+                top = _tops(doc["choices"][0])
             else:
-                parts, tokens = [], 0
+                parts, tokens, top = [], 0, []
                 for raw in resp:
                     line = raw.decode().strip()
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -165,9 +193,10 @@ def send(port: int, model: str, req: Request, timeout: float) -> Result:
                         tokens = chunk["usage"]["completion_tokens"]
                     for choice in chunk.get("choices", []):
                         parts.append(choice.get("delta", {}).get("content") or "")
+                        top += _tops(choice)
                 text = "".join(parts)
             return Result(req.index, True, resp.status, text, tokens,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, top=top)
     except urllib.error.HTTPError as err:
         return Result(req.index, False, err.code, error=err.read().decode()[:300],
                       latency=time.perf_counter() - started)
@@ -246,22 +275,34 @@ def free_port() -> int:
 
 
 class Server:
-    """A vLLM OpenAI server in its own process group, logging to ``log``."""
+    """A vLLM or SGLang OpenAI server in its own process group, logging to ``log``."""
 
-    def __init__(self, name: str, python: str, model: str, spec: dict | None, log: Path,
-                 max_model_len: int = 2048, env: dict[str, str] | None = None) -> None:
-        self.name, self.model, self.port, self.log = name, model, free_port(), log
-        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--port", str(self.port), "--host", "127.0.0.1", "--enforce-eager",
-               "--dtype", "float32", "--max-model-len", str(max_model_len), "--seed", "0"]
-        if spec is not None:
-            cmd += ["--speculative-config", json.dumps(spec)]
-        base = {k: v for k, v in os.environ.items()
-                if k not in ("TRITON_INTERPRET", "SPECPLUG_KERNELS_POISON")}
+    def __init__(self, name: str, engine: str, python: str, model: str, spec: dict | None,
+                 log: Path, max_model_len: int = 2048) -> None:
+        self.name, self.engine, self.model, self.port, self.log = (name, engine, model,
+                                                                   free_port(), log)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("TRITON_INTERPRET", "SPECPLUG_KERNELS_POISON",
+                            "SPECPLUG_SGLANG_CONFIG")}
+        if engine == "vllm":
+            cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                   "--port", str(self.port), "--host", "127.0.0.1", "--enforce-eager",
+                   "--dtype", "float32", "--max-model-len", str(max_model_len), "--seed", "0"]
+            if spec is not None:
+                cmd += ["--speculative-config", json.dumps(spec)]
+            env = {"VLLM_CPU_KVCACHE_SPACE": "2", **env}
+        else:  # SGLang's CPU build (docs/sglang.md): bfloat16 only
+            cmd = [python, "-m", "sglang.launch_server", "--model-path", model, "--device",
+                   "cpu", "--dtype", "bfloat16", "--max-total-tokens", "32768",
+                   "--context-length", str(max_model_len), "--host", "127.0.0.1",
+                   "--port", str(self.port)]
+            if spec is not None:
+                cmd += ["--speculative-algorithm", "SPECPLUG"]
+                env["SPECPLUG_SGLANG_CONFIG"] = json.dumps(spec)
+            env = {"SGLANG_USE_CPU_ENGINE": "1", **env}
         self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True,
-                                     env={"VLLM_CPU_KVCACHE_SPACE": "2", **base, **(env or {})})
+                                     start_new_session=True, env=env)
 
     def wait_healthy(self, timeout: float = 600) -> None:
         deadline = time.time() + timeout
@@ -282,6 +323,9 @@ class Server:
             return False
 
     def metric(self, name: str) -> float:
+        """The sum of a Prometheus metric's samples (vLLM's ``/metrics``; 0 where absent)."""
+        if self.engine != "vllm":
+            return 0.0
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
             lines = r.read().decode().splitlines()
         return sum(float(ln.split()[-1]) for ln in lines if ln.startswith(name))
@@ -314,12 +358,14 @@ def run_burst(server: Server, burst: int, requests: list[Request], disconnects: 
             with lock:
                 dropped[0] += 1
 
-    with ThreadPoolExecutor(max_workers=len(requests) + disconnects + len(REFUSED)) as pool:
+    refuses = REFUSED[server.engine] if refuse else ()
+    logprobs = server.engine == "sglang"  # ties are judged from the plain server's
+    with ThreadPoolExecutor(max_workers=len(requests) + disconnects + len(refuses)) as pool:
         started = time.perf_counter()
         drops = [pool.submit(drop, requests[i % len(requests)]) for i in range(disconnects)]
         refusals = [pool.submit(refused_status, server.port, server.model, requests[0], extra)
-                    for extra in (REFUSED if refuse else ())]
-        futures = [pool.submit(send, server.port, server.model, req, timeout)
+                    for extra in refuses]
+        futures = [pool.submit(send, server.port, server.model, req, timeout, logprobs)
                    for req in requests]
         results = [f.result() for f in futures]
         wall = time.perf_counter() - started
@@ -331,29 +377,55 @@ def run_burst(server: Server, burst: int, requests: list[Request], disconnects: 
                        tree_rss_mb(server.proc.pid), after.ok)
 
 
-def compare_greedy(plain: BurstReport, spec: BurstReport, requests: list[Request]
-                   ) -> list[dict[str, Any]]:
-    """The greedy requests whose answers differ between the two servers."""
-    out = []
+def _tie_at(plain: Result, spec: Result) -> dict[str, Any] | None:
+    """Where ``spec``'s greedy tokens first part from ``plain``'s, if the plain server's own
+    log-probabilities there put spec's token within ``TIE_NATS`` of its likeliest one (a
+    bfloat16 tie); None when they do not part that way (or carry no log-probabilities)."""
+    ours, theirs = [t for t, _ in plain.top], [t for t, _ in spec.top]
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if k is None:
+        return None
+    top = plain.top[k][1]
+    best = max(top.values(), default=None)
+    gap = best - top[theirs[k]] if best is not None and theirs[k] in top else math.inf
+    return {"token": k, "gap_nats": round(gap, 4)} if gap <= TIE_NATS else None
+
+
+def compare_greedy(plain: BurstReport, spec: BurstReport, requests: list[Request],
+                   allow_ties: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The greedy requests whose answers differ between the two servers, and (with
+    ``allow_ties``) those that part only at a bfloat16 tie of the plain server's."""
+    out, ties = [], []
     for req, a, b in zip(requests, plain.results, spec.results):
         if req.greedy and a.ok and b.ok and a.text != b.text:
-            out.append({"index": req.index, "plain": a.text[:200], "spec": b.text[:200]})
-    return out
+            tie = _tie_at(a, b) if allow_ties else None
+            row = {"index": req.index, "plain": a.text[:200], "spec": b.text[:200]}
+            (ties if tie is not None else out).append({**row, **(tie or {})})
+    return out, ties
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from specplug.models import resolve_model_dir
 
     model = str(resolve_model_dir(args.model))
-    python = os.environ.get("SPECPLUG_VLLM_PYTHON") or str(HERE.parent / ".venv-vllm" / "bin" /
-                                                           "python")
+    if args.engine == "vllm":
+        python = os.environ.get("SPECPLUG_VLLM_PYTHON") or str(HERE.parent / ".venv-vllm" /
+                                                               "bin" / "python")
+    else:
+        python = os.environ.get("SPECPLUG_SGLANG_ENGINE_PYTHON", "")
+        if not python:
+            raise SystemExit("--engine sglang needs SPECPLUG_SGLANG_ENGINE_PYTHON: the Python "
+                             "of an SGLang that can start an engine (docs/sglang.md)")
+    spec = json.loads(args.spec) if args.spec else (
+        DEFAULT_SPEC if args.engine == "vllm" else DEFAULT_SGLANG_SPEC)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     requests = build_requests(args.requests, args.max_tokens)
-    servers = [Server("plain", python, model, None, out / "server-plain.log"),
-               Server("specplug", python, model, json.loads(args.spec), out / "server-spec.log")]
+    servers = [Server("plain", args.engine, python, model, None, out / "server-plain.log"),
+               Server("specplug", args.engine, python, model, spec, out / "server-spec.log")]
     bursts: list[BurstReport] = []
     mismatches: list[dict[str, Any]] = []
+    ties: list[dict[str, Any]] = []
     try:
         for s in servers:
             s.wait_healthy()
@@ -366,18 +438,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for s in servers:
                 bursts.append(got[s.name])
                 print(json.dumps(got[s.name].summary()), flush=True)
-            diff = compare_greedy(got["plain"], got["specplug"], requests)
+            diff, tied = compare_greedy(got["plain"], got["specplug"], requests,
+                                        allow_ties=args.engine == "sglang")
             mismatches += [{"burst": b + 1, **d} for d in diff]
+            ties += [{"burst": b + 1, **d} for d in tied]
         accepted = servers[1].metric("vllm:spec_decode_num_accepted_tokens_total")
         drafted = servers[1].metric("vllm:spec_decode_num_draft_tokens_total")
     finally:
         codes = {s.name: s.stop() for s in servers}
-    return _report(args, requests, bursts, mismatches, codes, accepted, drafted)
+    return _report(args, requests, bursts, mismatches, ties, codes, accepted, drafted)
 
 
 def _report(args: argparse.Namespace, requests: list[Request], bursts: list[BurstReport],
-            mismatches: list[dict[str, Any]], codes: dict[str, int], accepted: float,
-            drafted: float) -> dict[str, Any]:
+            mismatches: list[dict[str, Any]], ties: list[dict[str, Any]],
+            codes: dict[str, int], accepted: float, drafted: float) -> dict[str, Any]:
     rows = [b.summary() for b in bursts]
     checks: dict[str, bool] = {
         "no_failed_requests": all(r["failed"] == 0 for r in rows),
@@ -388,6 +462,8 @@ def _report(args: argparse.Namespace, requests: list[Request], bursts: list[Burs
         "serving_after_each_burst": all(r["serving_after"] for r in rows),
         "clean_shutdown": all(c == 0 for c in codes.values()),
     }
+    if args.engine == "sglang":  # it reports no spec counters on /metrics by default
+        checks["clean_shutdown"] = all(c != -9 for c in codes.values())
     for name in ("plain", "specplug"):
         own = [r for r in rows if r["server"] == name]
         checks[f"rss_stable_{name}"] = (
@@ -399,6 +475,7 @@ def _report(args: argparse.Namespace, requests: list[Request], bursts: list[Burs
             "requests_per_s", "tokens_per_s", "p50_latency_s", "p99_latency_s")}
     return {"settings": vars(args), "machine": _machine(), "bursts": rows,
             "overall_median_of_bursts": overall, "mismatches": mismatches,
+            "bf16_ties": ties,
             "spec_decode": {"accepted": accepted, "drafted": drafted}, "exit_codes": codes,
             "checks": checks, "passed": all(checks.values()),
             "greedy_requests_per_burst": sum(r.greedy for r in requests)}
@@ -436,8 +513,10 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{r['failed']} | {','.join(map(str, r['refused_status'])) or '-'} | "
                      f"{r['rss_mb']} |")
     sd = doc["spec_decode"]
-    lines += ["", f"Accepted {sd['accepted']:.0f} of {sd['drafted']:.0f} drafted tokens; "
-              f"greedy mismatches: {len(doc['mismatches'])}.", "",
+    lines += ["", f"Accepted {sd['accepted']:.0f} of {sd['drafted']:.0f} drafted tokens "
+              "(vLLM's counters); "
+              f"greedy mismatches: {len(doc['mismatches'])}; parted at a bf16 tie: "
+              f"{len(doc.get('bf16_ties', []))}.", "",
               "| check | passed |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in doc["checks"].items()]
     return "\n".join(lines) + "\n"
@@ -445,14 +524,17 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--bursts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--disconnects", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    parser.add_argument("--spec", default=json.dumps(DEFAULT_SPEC),
-                        help="the --speculative-config of the specplug server")
+    parser.add_argument("--spec", default=None,
+                        help="vLLM: the --speculative-config of the specplug server; SGLang: "
+                             "its SPECPLUG_SGLANG_CONFIG (defaults: DEFAULT_SPEC, "
+                             "DEFAULT_SGLANG_SPEC)")
     parser.add_argument("--out", default="benchmarks/results/smollm2-135m-vllm-load")
     args = parser.parse_args(argv)
     doc = run(args)
