@@ -179,21 +179,32 @@ def send(port: int, model: str, req: Request, timeout: float, logprobs: bool = F
         with urllib.request.urlopen(http_req, timeout=timeout) as resp:
             if not req.stream:
                 doc = json.loads(resp.read())
+                if not doc["choices"][0].get("finish_reason"):
+                    raise RuntimeError("the answer carries no finish_reason")
                 text = doc["choices"][0]["message"]["content"] or ""
                 tokens = doc["usage"]["completion_tokens"]
                 top = _tops(doc["choices"][0])
             else:
                 parts, tokens, top = [], 0, []
+                done = finished = False
                 for raw in resp:
                     line = raw.decode().strip()
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                    if line == "data: [DONE]":
+                        done = True
+                        continue
+                    if not line.startswith("data: "):
                         continue
                     chunk = json.loads(line[6:])
+                    if "error" in chunk:  # an engine error sent inside the stream
+                        raise RuntimeError(f"error event: {str(chunk['error'])[:200]}")
                     if chunk.get("usage"):
                         tokens = chunk["usage"]["completion_tokens"]
                     for choice in chunk.get("choices", []):
                         parts.append(choice.get("delta", {}).get("content") or "")
                         top += _tops(choice)
+                        finished = finished or bool(choice.get("finish_reason"))
+                if not (done and finished):
+                    raise RuntimeError("the stream ended without a finish_reason and [DONE]")
                 text = "".join(parts)
             return Result(req.index, True, resp.status, text, tokens,
                           time.perf_counter() - started, top=top)
@@ -206,7 +217,8 @@ def send(port: int, model: str, req: Request, timeout: float, logprobs: bool = F
 
 
 def disconnect_mid_stream(port: int, model: str, req: Request, chunks: int = 3) -> bool:
-    """Start a streamed request, read ``chunks`` lines of it, then drop the connection."""
+    """Start a streamed request, read ``chunks`` raw lines of its chunked HTTP body (the
+    first server-sent event or so), then drop the connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         conn.request("POST", "/v1/chat/completions",
@@ -337,9 +349,10 @@ class Server:
             try:
                 rc = self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
                 rc = -9
+            with contextlib.suppress(ProcessLookupError):  # engine children left behind
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         finally:
             self._log.close()
         return rc
@@ -421,12 +434,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     requests = build_requests(args.requests, args.max_tokens)
-    servers = [Server("plain", args.engine, python, model, None, out / "server-plain.log"),
-               Server("specplug", args.engine, python, model, spec, out / "server-spec.log")]
+    servers: list[Server] = []
     bursts: list[BurstReport] = []
     mismatches: list[dict[str, Any]] = []
     ties: list[dict[str, Any]] = []
     try:
+        servers.append(Server("plain", args.engine, python, model, None,
+                              out / "server-plain.log"))
+        servers.append(Server("specplug", args.engine, python, model, spec,
+                              out / "server-spec.log"))
         for s in servers:
             s.wait_healthy()
             send(s.port, s.model, requests[0], args.timeout)  # warm-up, not timed
@@ -462,7 +478,9 @@ def _report(args: argparse.Namespace, requests: list[Request], bursts: list[Burs
         "serving_after_each_burst": all(r["serving_after"] for r in rows),
         "clean_shutdown": all(c == 0 for c in codes.values()),
     }
-    if args.engine == "sglang":  # it reports no spec counters on /metrics by default
+    if args.engine == "vllm":  # the speculative server speculated (vLLM's counters)
+        checks["drafted_and_accepted"] = drafted > 0 and accepted > 0
+    else:  # SGLang reports no speculation counters on /metrics by default
         checks["clean_shutdown"] = all(c != -9 for c in codes.values())
     for name in ("plain", "specplug"):
         own = [r for r in rows if r["server"] == name]

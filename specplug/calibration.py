@@ -66,25 +66,35 @@ def cached_calibration(key: dict, measure: Callable[[], CostModel], use_cache: b
     if not use_cache:
         return measure()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cost_cache_dir() / f"{digest}.json"
+    try:
+        path = cost_cache_dir() / f"{digest}.json"
+    except CacheDirError as err:  # no home folder: nowhere to keep it
+        _warn_memory_only(Path("~/.cache/specplug/cost"), err)
+        return measure()
     stored = _read(path)
     if stored is not None:
         return stored
-    model = None
     try:
         with file_lock(path):
             stored = _read(path)  # another process may have measured while we waited
             if stored is not None:
                 return stored
             remove_stale_builds(path)
-            model = measure()
+    except (CacheDirError, OSError) as err:  # the cache folder cannot be written
+        _warn_memory_only(path.parent, err)
+        return measure()
+    with file_lock(path):
+        stored = _read(path)
+        if stored is not None:
+            return stored
+        model = measure()  # its own errors are its own, never a cache warning
+        try:
             write_record(path, _RECORD, _VERSION, {
                 "key": key, "measured": time.strftime("%Y-%m-%d %H:%M"),
                 "curve": model.to_dict()})
-            return model
-    except (CacheDirError, OSError) as err:  # the cache folder, not the measurement
-        _warn_memory_only(path, err)
-        return model if model is not None else measure()
+        except OSError as err:
+            _warn_memory_only(path.parent, err)
+        return model
 
 
 _RECORD = "specplug-cost-curve"
@@ -102,9 +112,9 @@ def _read(path: Path) -> CostModel | None:
         return None
 
 
-def _warn_memory_only(path: Path, err: Exception) -> None:
-    if path.parent not in _warned:
-        _warned.add(path.parent)
+def _warn_memory_only(folder: Path, err: Exception) -> None:
+    if folder not in _warned:
+        _warned.add(folder)
         logger.warning("specplug: cannot write the cost-curve cache at %s (%s); the curve is "
                        "kept in memory for this process only (set SPECPLUG_COST_CACHE to a "
-                       "writable folder, or 0 to turn the cache off)", path.parent, err)
+                       "writable folder, or 0 to turn the cache off)", folder, err)

@@ -322,8 +322,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from specplug.bench.prompts import load_questions
     from specplug.models import load_model
     from specplug.train.data import SEED_TASKS, load_prompts
-    from specplug.train.shards import ShardSettings, build_shards, prompt_set
+    from specplug.train.shards import ShardSettings, build_shards, check_folder, prompt_set
 
+    check_folder(args.out)  # before loading anything
     base = [] if args.no_seed_tasks else load_prompts(SEED_TASKS)
     for f in args.data or []:
         base += load_prompts(f)

@@ -21,6 +21,7 @@ training data, benchmark results) goes through these helpers:
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ __all__ = [
 
 _PARTIAL = ".partial-"
 _BUILDING = ".building-"
+_OLD = ".old-"
 
 
 def temporary_sibling(path: Path, kind: str = _PARTIAL) -> Path:
@@ -80,9 +82,13 @@ def replace_dir(src: Path, dst: Path) -> None:
     ``dst`` is renamed aside first and removed after ``src`` took its place, so at every
     moment ``dst`` is either the old folder or the new one (or, for an instant, absent)."""
     if dst.exists() or dst.is_symlink():
-        old = temporary_sibling(dst, ".old-")
+        old = temporary_sibling(dst, _OLD)
         os.replace(dst, old)
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except BaseException:  # interrupted between the two renames: put the old one back
+            os.replace(old, dst)
+            raise
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -112,13 +118,19 @@ def building_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
 def remove_stale_builds(target: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files and folders that writers of ``target`` left behind when they
     were killed. Call it only while holding ``target``'s :func:`file_lock`, so no live writer
-    owns them. Returns what was removed."""
+    owns them. A target that a killed ``replace_dir`` left missing gets its old copy back.
+    Returns what was removed."""
     dst = Path(target)
-    removed = []
+    removed: list[Path] = []
     if not dst.parent.is_dir():
         return removed
-    for kind in (_PARTIAL, _BUILDING, ".old-"):
-        for stale in dst.parent.glob(f".{dst.name}{kind}*"):
+    name = glob.escape(dst.name)
+    olds = sorted(dst.parent.glob(f".{name}{_OLD}*"), key=lambda p: p.stat().st_mtime)
+    if olds and not (dst.exists() or dst.is_symlink()):
+        # killed between replace_dir's two renames: the newest old copy is the finished one
+        os.replace(olds.pop(), dst)
+    for kind in (_PARTIAL, _BUILDING, _OLD):
+        for stale in dst.parent.glob(f".{name}{kind}*"):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:

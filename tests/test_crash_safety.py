@@ -32,6 +32,11 @@ CHILD = textwrap.dedent('''
     what, cache, log = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     slow = float(sys.argv[4])
     os.environ["SPECPLUG_CACHE_DIR"] = str(cache)
+    import specplug.calibration, specplug.models  # the slow imports, before the barrier
+    if len(sys.argv) > 5:  # a start barrier: every process is past its imports, then all go
+        print("READY", flush=True)
+        while not Path(sys.argv[5]).exists():
+            time.sleep(0.005)
 
     def note(event):
         with open(log, "a") as f:  # O_APPEND: one line per event, from any process
@@ -83,14 +88,16 @@ def child(tmp_path: Path) -> Path:
     return script
 
 
-def _start(child: Path, what: str, cache: Path, slow: float) -> subprocess.Popen[str]:
+def _start(child: Path, what: str, cache: Path, slow: float, barrier: Path | None = None
+           ) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECPLUG_")}
     # the child imports the specplug this test process imported (a checkout or a wheel)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(specplug.__file__).parents[1]),
                                          env.get("PYTHONPATH", "")])
     return subprocess.Popen(
         [sys.executable, str(child), what, str(cache), str(cache.parent / "events.log"),
-         str(slow)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+         str(slow), *([str(barrier)] if barrier else [])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _builds(cache: Path) -> int:
@@ -114,7 +121,11 @@ def _cache_folder(cache: Path, what: str) -> Path:
 @pytest.mark.parametrize("what", ["convert", "calibrate"])
 def test_processes_started_together_build_once(child: Path, tmp_path: Path, what: str) -> None:
     cache = tmp_path / "cache"
-    procs = [_start(child, what, cache, slow=1.0) for _ in range(4)]
+    go = tmp_path / "go"
+    procs = [_start(child, what, cache, slow=1.0, barrier=go) for _ in range(4)]
+    for p in procs:  # all imported: released together, they contend for the lock
+        assert p.stdout is not None and p.stdout.readline().strip() == "READY"
+    go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     for proc, (out, err) in zip(procs, outs):
         assert proc.returncode == 0, err
@@ -239,3 +250,34 @@ def test_stale_builds_are_removed_but_not_neighbours(tmp_path: Path) -> None:
     neighbour.write_text("another target's")
     assert sorted(files.remove_stale_builds(target)) == sorted(stale)
     assert neighbour.exists() and not any(p.exists() for p in stale)
+
+
+def test_a_head_save_killed_between_its_files_is_refused(tmp_path: Path) -> None:
+    """Weights of one save beside the config.json of another (a save killed between its two
+    files) are refused naming the fix, not loaded as a mix."""
+    from test_heads import make_net
+    from tiny_models import tiny_llama
+
+    from specplug.errors import InputFileError
+    from specplug.heads.checkpoint import load_head, save_head
+
+    target = tiny_llama(0)
+    first, second = make_net("eagle", target), make_net("medusa", target)
+    save_head(first, tmp_path / "a")
+    save_head(second, tmp_path / "b")
+    load_head(tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").write_bytes(
+        (tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(InputFileError, match="saved with another config.json"):
+        load_head(tmp_path / "a")
+
+
+def test_replace_dir_killed_between_its_renames_is_undone(tmp_path: Path) -> None:
+    target = tmp_path / "built"
+    with files.building_dir(target) as tmp:
+        (tmp / "x").write_text("finished")
+    old = files.temporary_sibling(target, ".old-")
+    os.replace(target, old)  # what a SIGKILL between replace_dir's two renames leaves
+    files.remove_stale_builds(target)
+    assert (target / "x").read_text() == "finished"
+    assert _leftovers(tmp_path) == []

@@ -209,3 +209,78 @@ def test_specplug_train_on_shards_splits_held_out_by_prompt(tmp_path, capsys):
     assert report["config"]["hidden_layers"] == [-1]
     # 10 prompts, each answered twice (T=0 and T=1): the held-out prompt's two answers
     assert report["examples"]["heldout"] == 2
+
+
+def test_the_held_out_split_keeps_every_answer_of_a_prompt_together():
+    import random
+
+    from specplug.train.pipeline import heldout_prompts
+
+    prompt_of = [i // 3 for i in range(60)]  # 20 prompts, 3 answers each
+    held = heldout_prompts(prompt_of, 0.1, random.Random(1234))
+    assert len(held) == 2
+    held_examples = [i for i, p in enumerate(prompt_of) if p in held]
+    assert len(held_examples) == 6  # every answer of each held prompt, no other
+    assert heldout_prompts([0, 0, 0], 0.5, random.Random(0)) == set()  # one prompt: none held
+
+
+def test_a_shard_written_but_not_indexed_and_partial_files_are_redone(target, tmp_path):
+    model, tok = target
+    whole = tmp_path / "whole"
+    build_shards(model, tok, PROMPTS, whole, SETTINGS, max_tokens=1)
+    part = tmp_path / "part"
+    build_shards(model, tok, PROMPTS, part, SETTINGS, max_tokens=1)
+    index = shards.read_index(part)
+    (part / "shard-00001.safetensors").write_bytes(b"killed before the index listed it")
+    (part / ".shard-00002.safetensors.partial-0123").write_bytes(b"half")
+    assert index["shards"][-1]["file"] == "shard-00000.safetensors"
+    build_shards(model, tok, PROMPTS, part, SETTINGS)
+    build_shards(model, tok, PROMPTS, whole, SETTINGS)
+    assert _files(part) == _files(whole)
+    assert not list(part.glob(".shard-*"))
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_one_builds(target, tmp_path):
+    from specplug.files import file_lock
+
+    model, tok = target
+    tmp_path.mkdir(exist_ok=True)
+    with file_lock(tmp_path), pytest.raises(SpecplugError, match="another `specplug data`"):
+        build_shards(model, tok, PROMPTS, tmp_path, SETTINGS)
+
+
+@pytest.mark.parametrize("temps", [(), (0.0, 0.0)])
+def test_temperatures_must_be_given_once_each(target, tmp_path, temps):
+    model, tok = target
+    bad = ShardSettings(**{**SETTINGS.__dict__, "temperatures": temps})
+    with pytest.raises(SpecplugError, match="each once"):
+        build_shards(model, tok, PROMPTS, tmp_path, bad)
+
+
+def test_prompts_made_from_other_inputs_are_refused(target, tmp_path):
+    model, tok = target
+    shards.prompt_set(model, tok, tmp_path, PROMPTS, 0, [])
+    assert shards.prompt_set(model, tok, tmp_path, PROMPTS, 0, []) == PROMPTS
+    with pytest.raises(SpecplugError, match="other --data, --exclude"):
+        shards.prompt_set(model, tok, tmp_path, PROMPTS, 0, [PROMPTS[0]])  # a new --exclude
+    with pytest.raises(SpecplugError, match="other --data, --exclude"):
+        shards.prompt_set(model, tok, tmp_path, PROMPTS[:5], 0, [])
+
+
+def test_a_folder_holding_other_files_is_refused_before_any_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputFileError, match="holds other files"):
+        shards.check_folder(tmp_path)
+    shards.check_folder(tmp_path / "new")  # absent: fine
+
+
+def test_train_refuses_shards_of_another_model(tmp_path):
+    from specplug.train.pipeline import train
+
+    folder = tmp_path / "tiny"
+    tiny_llama(0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    data = tmp_path / "shards"
+    build_shards(tiny_llama(0), tiny_tokenizer(), PROMPTS, data, SETTINGS, max_tokens=1)
+    with pytest.raises(SpecplugError, match="were built from 'tiny'"):
+        train(str(folder), "eagle", tmp_path / "head", shards=data, progress=False)

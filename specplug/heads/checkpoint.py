@@ -27,14 +27,45 @@ def save_head(net: DraftNet, folder: str | os.PathLike[str],
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
              for k, v in net.state_dict().items()}
+    config = net.config.model_dump_json(indent=2) + "\n"
     weights = temporary_sibling(out / "model.safetensors")
-    try:  # weights first, each file atomically: a killed writer leaves the old pair or none
-        save_file(state, str(weights), metadata=metadata or {})
+    try:  # weights first, each file atomically; the weights name their config's sha256, so
+        # a pair that a killed save left mismatched is refused by load_head, never mixed
+        save_file(state, str(weights), metadata={**(metadata or {}),
+                                                 CONFIG_DIGEST: _sha256(config.encode())})
         os.replace(weights, out / "model.safetensors")
     finally:
         weights.unlink(missing_ok=True)
-    atomic_write_text(out / "config.json", net.config.model_dump_json(indent=2) + "\n")
+    atomic_write_text(out / "config.json", config)
     return out
+
+
+#: safetensors metadata key: the sha256 of the config.json saved with these weights
+CONFIG_DIGEST = "specplug_config_sha256"
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_pair(path: Path) -> None:
+    """Refuse weights saved with another config.json than the one beside them (a save killed
+    between its two files). Checkpoints from before the digest carry none and pass."""
+    from safetensors import SafetensorError, safe_open
+
+    from specplug.errors import InputFileError
+
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            want = (f.metadata() or {}).get(CONFIG_DIGEST)
+    except SafetensorError:
+        return  # load_safetensors reports a damaged file with its own message
+    if want is not None and want != _sha256((path / "config.json").read_bytes()):
+        raise InputFileError(f"{path}: model.safetensors was saved with another config.json "
+                             "than the one beside it (a save was interrupted): save or train "
+                             "the head again")
 
 
 def load_head(folder: str | os.PathLike[str]) -> DraftNet:
@@ -71,6 +102,7 @@ def load_head(folder: str | os.PathLike[str]) -> DraftNet:
         raise InputFileError(f"{path}: no model.safetensors{hint}")
     state = {k: v.float() if v.is_floating_point() else v
              for k, v in load_safetensors(weights, "head weights").items()}
+    _check_pair(path)
     net = build_net(config, state.get("draft_vocab"))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

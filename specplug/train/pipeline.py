@@ -36,7 +36,7 @@ from specplug.train.data import (
 )
 from specplug.train.trainer import Example, TrainSettings, build_draft_vocab, train_head
 
-__all__ = ["DataSettings", "build_dataset", "train", "measure_acceptance"]
+__all__ = ["DataSettings", "build_dataset", "heldout_prompts", "train", "measure_acceptance"]
 
 
 @dataclass
@@ -201,6 +201,15 @@ def measure_acceptance(model: Any, net: Any, examples: list[Example], depth: int
             "tokens_per_forward": tokens / max(forwards, 1), "prompts": min(count, len(examples))}
 
 
+def heldout_prompts(prompt_of: list[int], fraction: float, rng: random.Random) -> set[int]:
+    """The prompts held out: a ``fraction`` of the distinct prompts in ``prompt_of`` (one
+    entry per example), so that every answer to a prompt lands on the same side."""
+    groups = sorted(set(prompt_of))
+    rng.shuffle(groups)
+    n_held = max(1, int(len(groups) * fraction)) if len(groups) > 1 else 0
+    return set(groups[:n_held])
+
+
 def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
           data: DataSettings | None = None, settings: TrainSettings | None = None,
           num_heads: int = 4, draft_vocab_size: int = 8192, heldout: float = 0.1,
@@ -234,7 +243,17 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
         index = read_index(shards)
         if index is None:
             list(iter_shard_examples(shards))  # raises, naming the folder and the fix
-        data = replace(data, hidden_layers=tuple(index["settings"]["hidden_layers"]))
+        built = index["settings"]
+        if str(built["model"]) != str(model_name):
+            raise SpecplugError(f"--shards {shards} were built from {built['model']!r}, not "
+                                f"{str(model_name)!r}: its features are another model's; "
+                                "build shards for this model with `specplug data --model`")
+        layers = tuple(built["hidden_layers"])
+        if kind == "msd" and layers != (-1, 0):
+            raise SpecplugError(f"an msd head reads hidden layers (-1, 0) (last features and "
+                                f"input embeddings); --shards {shards} hold {layers}: build "
+                                "them with `specplug data --hidden-layers -1,0`")
+        data = replace(data, hidden_layers=layers)
     else:
         training_prompts(data)  # a bad data file fails here, before --out is created
     if image_data is not None:
@@ -243,10 +262,13 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
         load_image_prompts(image_data)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
+    for name in ("train_state", "train_state_multimodal", "model.safetensors", "config.json",
+                 "report.json", "report.md"):
+        remove_stale_builds(outdir / name)  # what a killed run on this --out left half-built
     model, tok = load_model(model_name)
     text = model.config.get_text_config()
     media = sorted(media_token_ids(model))
-    if kind == "msd":
+    if kind == "msd" and shards is None:
         data = replace(data, hidden_layers=(-1, 0))  # last features + input embeddings
     elif image_data is not None:
         raise ValueError(f"image_data is for the msd head; a {kind} head trains on text")
@@ -273,10 +295,7 @@ def train(model_name: str, kind: str, out: str | os.PathLike[str], *,
     t_data = time.perf_counter() - t0
 
     rng = random.Random(1234)
-    groups = sorted(set(prompt_of))  # split by prompt: its answers stay on one side
-    rng.shuffle(groups)
-    n_held = max(1, int(len(groups) * heldout)) if len(groups) > 1 else 0
-    held_prompts = set(groups[:n_held])
+    held_prompts = heldout_prompts(prompt_of, heldout, rng)
     held = [e for e, p in zip(examples, prompt_of) if p in held_prompts]
     trainset = [e for e, p in zip(examples, prompt_of) if p not in held_prompts] or held
 

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from specplug.errors import InputFileError, SpecplugError
-from specplug.files import atomic_write_bytes, read_record, write_record
+from specplug.files import atomic_write_bytes, file_lock, read_record, write_record
 
-__all__ = ["ShardSettings", "ShardReport", "build_shards", "exclude_overlapping",
+__all__ = ["ShardSettings", "ShardReport", "build_shards", "check_folder", "exclude_overlapping",
            "iter_shard_examples", "prompt_set", "read_index"]
 
 _INDEX = "index.json"
@@ -123,8 +123,15 @@ def prompt_set(model: Any, tokenizer: Any, folder: str | os.PathLike[str], base:
     from specplug.train.data import expand_prompts
 
     path = Path(folder) / "prompts.json"
-    stored = read_record(path, "specplug-train-prompts", 1)
+    made_from = {"base_sha256": _prompts_digest(base), "excluded_sha256": _prompts_digest(
+        sorted(excluded)), "expand": expand, "seed": seed}
+    stored = read_record(path, "specplug-train-prompts", 2)
     if stored is not None:
+        if stored["made_from"] != made_from:
+            raise SpecplugError(
+                f"{folder} holds training prompts made from other --data, --exclude, "
+                "--expand, --seed or seed-task settings; pass another --out folder, or "
+                f"delete {folder} to rebuild it")
         return list(stored["prompts"])
     prompts = list(base)
     if expand:
@@ -132,10 +139,26 @@ def prompt_set(model: Any, tokenizer: Any, folder: str | os.PathLike[str], base:
                                   batch_size=batch_size, progress=progress)
     kept = exclude_overlapping(prompts, excluded)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    write_record(path, "specplug-train-prompts", 1, {
-        "prompts": kept, "base": len(base), "expanded": len(prompts) - len(base),
-        "excluded": len(prompts) - len(kept)})
+    write_record(path, "specplug-train-prompts", 2, {
+        "prompts": kept, "made_from": made_from, "base": len(base),
+        "expanded": len(prompts) - len(base), "excluded": len(prompts) - len(kept)})
     return kept
+
+
+def check_folder(folder: str | os.PathLike[str]) -> None:
+    """Refuse ``folder`` for ``specplug data`` unless it is absent, empty, or one this command
+    started (its ``prompts.json`` or ``index.json``): checked before any work.
+
+    Raises:
+        InputFileError: a folder holding something else, naming it and the fix.
+    """
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise InputFileError(f"--out {out}: not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (
+            (out / _INDEX).is_file() or (out / "prompts.json").is_file()):
+        raise InputFileError(f"--out {out} holds other files, not training shards; pass an "
+                             "empty or new folder")
 
 
 def _shard_name(unit: int) -> str:
@@ -228,8 +251,28 @@ def build_shards(model: Any, tokenizer: Any, prompts: list[str], folder: str | o
     """
     if not prompts:
         raise SpecplugError("no training prompts: pass --data FILE or keep the seed tasks")
+    if not settings.temperatures or len(set(settings.temperatures)) != len(
+            settings.temperatures):
+        raise SpecplugError(f"temperatures {settings.temperatures}: give one or more, each "
+                            "once (for example 0,0.8)")
+    from filelock import Timeout  # a dependency of huggingface_hub, hence of transformers
+
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(out, timeout=0):
+            return _build_locked(model, tokenizer, prompts, out, settings, max_tokens,
+                                 max_bytes, progress)
+    except Timeout:
+        raise SpecplugError(f"{out} is being built by another `specplug data` run; wait for "
+                            "it, or pass another --out") from None
+
+
+def _build_locked(model: Any, tokenizer: Any, prompts: list[str], out: Path,
+                  settings: ShardSettings, max_tokens: int | None, max_bytes: int | None,
+                  progress: Callable[[dict[str, Any]], None] | None) -> ShardReport:
+    for partial in out.glob(".shard-*"):  # what a killed run left half-written
+        partial.unlink(missing_ok=True)
     digest = _prompts_digest(prompts)
     index = read_index(out)
     if index is not None:
