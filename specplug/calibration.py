@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from specplug.cost import CostModel
-from specplug.errors import CacheDirError
+from specplug.errors import CacheDirError, writable_dir
 from specplug.files import file_lock, read_record, remove_stale_builds, write_record
 from specplug.paths import cache_root
 
@@ -67,39 +67,30 @@ def cached_calibration(key: dict, measure: Callable[[], CostModel], use_cache: b
         return measure()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     try:
-        path = cost_cache_dir() / f"{digest}.json"
-    except CacheDirError as err:  # no home folder: nowhere to keep it
-        _warn_memory_only(Path("~/.cache/specplug/cost"), err)
+        path = writable_dir(cost_cache_dir()) / f"{digest}.json"
+    except CacheDirError as err:  # no home folder, or a folder that cannot be written
+        _warn_memory_only(err)
         return measure()
     stored = _read(path)
     if stored is not None:
         return stored
-    try:
-        with file_lock(path):
-            stored = _read(path)  # another process may have measured while we waited
-            if stored is not None:
-                return stored
-            remove_stale_builds(path)
-    except (CacheDirError, OSError) as err:  # the cache folder cannot be written
-        _warn_memory_only(path.parent, err)
-        return measure()
     with file_lock(path):
-        stored = _read(path)
+        stored = _read(path)  # another process may have measured while we waited
         if stored is not None:
             return stored
+        remove_stale_builds(path)
         model = measure()  # its own errors are its own, never a cache warning
         try:
             write_record(path, _RECORD, _VERSION, {
                 "key": key, "measured": time.strftime("%Y-%m-%d %H:%M"),
                 "curve": model.to_dict()})
         except OSError as err:
-            _warn_memory_only(path.parent, err)
+            _warn_memory_only(err)
         return model
-
 
 _RECORD = "specplug-cost-curve"
 _VERSION = 2  # 2: a checksummed record (files.write_record); 1 was bare JSON
-_warned: set[Path] = set()
+_warned: set[str] = set()
 
 
 def _read(path: Path) -> CostModel | None:
@@ -112,9 +103,10 @@ def _read(path: Path) -> CostModel | None:
         return None
 
 
-def _warn_memory_only(folder: Path, err: Exception) -> None:
-    if folder not in _warned:
-        _warned.add(folder)
-        logger.warning("specplug: cannot write the cost-curve cache at %s (%s); the curve is "
-                       "kept in memory for this process only (set SPECPLUG_COST_CACHE to a "
-                       "writable folder, or 0 to turn the cache off)", folder, err)
+def _warn_memory_only(err: Exception) -> None:
+    """One warning per distinct problem per process: the curve stays in memory."""
+    if str(err) not in _warned:
+        _warned.add(str(err))
+        logger.warning("specplug: cannot write the cost-curve cache (%s); the curve is kept "
+                       "in memory for this process only (set SPECPLUG_COST_CACHE to a "
+                       "writable folder, or 0 to turn the cache off)", err)

@@ -363,6 +363,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prompt_sources(parser: argparse.ArgumentParser, expand: int) -> None:
+    """The training prompts' options, alike for ``train`` and ``data``."""
+    parser.add_argument("--data", action="append", default=None, metavar="FILE",
+                        help="extra prompts: JSONL (instruction/prompt/text/turns) or one per "
+                             "line")
+    parser.add_argument("--no-seed-tasks", action="store_true",
+                        help="do not use the shipped Self-Instruct seed tasks")
+    parser.add_argument("--expand", type=_int_at_least(0), default=expand,
+                        help="new prompts the target writes from the others (self-instruct)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specplug", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -437,12 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="smollm2-135m")
     t.add_argument("--drafter", required=True,
                    help="medusa | clover | clover2 | eagle | msd (vision-language targets)")
-    t.add_argument("--data", action="append", default=None, metavar="FILE",
-                   help="extra prompts: JSONL (instruction/prompt/text/turns) or one per line")
-    t.add_argument("--no-seed-tasks", action="store_true",
-                   help="do not use the shipped Self-Instruct seed tasks")
-    t.add_argument("--expand", type=_int_at_least(0), default=200,
-                   help="new prompts the target writes from the seed tasks (self-instruct)")
+    _add_prompt_sources(t, expand=200)
     t.add_argument("--tokens", type=_int_at_least(1), default=None,
                    help="stop generating training responses after about N tokens")
     t.add_argument("--max-new-tokens", type=_int_at_least(1), default=192, help="per training response")
@@ -472,12 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "safetensors shards")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--out", required=True, help="shard folder (a second run resumes it)")
-    d.add_argument("--data", action="append", default=None, metavar="FILE",
-                   help="extra prompts: JSONL (instruction/prompt/text/turns) or one per line")
-    d.add_argument("--no-seed-tasks", action="store_true",
-                   help="do not use the shipped Self-Instruct seed tasks")
-    d.add_argument("--expand", type=_int_at_least(0), default=2000,
-                   help="new prompts the target writes from the others (self-instruct)")
+    _add_prompt_sources(d, expand=2000)
     d.add_argument("--exclude", action="append", default=None, metavar="JSONL",
                    help="prompts never to train on (MT-bench format); default: "
                         f"{BENCHMARK_PROMPTS} when it exists here")
