@@ -1,9 +1,11 @@
 """Load test: real OpenAI-compatible servers with and without specplug, under bursts.
 
-Two servers run side by side on 127.0.0.1: the engine without speculation, and the same engine
-with specplug. ``--engine vllm`` (default): vLLM, with ``--speculative-config '{"method":
+Two servers on 127.0.0.1: the engine without speculation, and the same engine with specplug;
+side by side with the bursts interleaved (``--servers together``, vLLM's default), or one after
+the other (``--servers one-at-a-time``, SGLang's default: two SGLang CPU servers side by side
+made no progress in 9 minutes here). ``--engine vllm`` (default): vLLM, with ``--speculative-config '{"method":
 "specplug", ...}'``. ``--engine sglang``: SGLang's CPU build (bfloat16), with
-``--speculative-algorithm SPECPLUG`` and the options in ``SPECPLUG_SGLANG_CONFIG``. Each gets the same bursts in turn (the
+``--speculative-algorithm SPECPLUG`` and the options in ``SPECPLUG_SGLANG_CONFIG``. Each gets the same bursts (together, the
 order alternates from burst to burst): ``--requests`` concurrent chat requests (first turns of
 ``benchmarks/prompts.jsonl``, so prompt lengths are mixed; greedy and sampled, streaming and
 not), plus clients that disconnect mid-stream and requests with parameters the speculative
@@ -307,7 +309,7 @@ class Server:
             cmd = [python, "-m", "sglang.launch_server", "--model-path", model, "--device",
                    "cpu", "--dtype", "bfloat16", "--max-total-tokens", "32768",
                    "--context-length", str(max_model_len), "--host", "127.0.0.1",
-                   "--port", str(self.port)]
+                   "--port", str(self.port), "--sleep-on-idle"]  # else idle = busy-poll
             if spec is not None:
                 cmd += ["--speculative-algorithm", "SPECPLUG"]
                 env["SPECPLUG_SGLANG_CONFIG"] = json.dumps(spec)
@@ -434,34 +436,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     requests = build_requests(args.requests, args.max_tokens)
-    servers: list[Server] = []
+    configs = [("plain", None, out / "server-plain.log"),
+               ("specplug", spec, out / "server-spec.log")]
+    together = (args.servers or ("together" if args.engine == "vllm" else "one-at-a-time")
+                ) == "together"
+    got: dict[str, list[BurstReport]] = {"plain": [], "specplug": []}
+    codes: dict[str, int] = {}
+    accepted = drafted = 0.0
+
+    def start(name: str, spec_: dict | None, log: Path, servers: list[Server]) -> Server:
+        servers.append(Server(name, args.engine, python, model, spec_, log))
+        servers[-1].wait_healthy()
+        send(servers[-1].port, model, requests[0], args.timeout)  # warm-up, not timed
+        return servers[-1]
+
+    def burst(s: Server, b: int) -> None:
+        got[s.name].append(run_burst(s, b + 1, requests, args.disconnects,
+                                     refuse=s.name == "specplug", timeout=args.timeout))
+        print(json.dumps(got[s.name][-1].summary()), flush=True)
+
+    def counters(s: Server) -> tuple[float, float]:
+        return (s.metric("vllm:spec_decode_num_accepted_tokens_total"),
+                s.metric("vllm:spec_decode_num_draft_tokens_total"))
+
+    if together:  # side by side, A/B then B/A from burst to burst
+        servers: list[Server] = []
+        try:
+            for name, spec_, log in configs:
+                start(name, spec_, log, servers)
+            for b in range(args.bursts):
+                for s in (servers if b % 2 == 0 else servers[::-1]):
+                    burst(s, b)
+            accepted, drafted = counters(servers[1])
+        finally:
+            codes = {s.name: s.stop() for s in servers}
+    else:  # one server at a time: all of its bursts, then it stops
+        for name, spec_, log in configs:
+            servers = []
+            try:
+                s = start(name, spec_, log, servers)
+                for b in range(args.bursts):
+                    burst(s, b)
+                if name == "specplug":
+                    accepted, drafted = counters(s)
+            finally:
+                codes.update({s.name: s.stop() for s in servers})
     bursts: list[BurstReport] = []
     mismatches: list[dict[str, Any]] = []
     ties: list[dict[str, Any]] = []
-    try:
-        servers.append(Server("plain", args.engine, python, model, None,
-                              out / "server-plain.log"))
-        servers.append(Server("specplug", args.engine, python, model, spec,
-                              out / "server-spec.log"))
-        for s in servers:
-            s.wait_healthy()
-            send(s.port, s.model, requests[0], args.timeout)  # warm-up, not timed
-        for b in range(args.bursts):
-            order = servers if b % 2 == 0 else servers[::-1]  # A/B, then B/A
-            got = {s.name: run_burst(s, b + 1, requests, args.disconnects,
-                                     refuse=s.name == "specplug", timeout=args.timeout)
-                   for s in order}
-            for s in servers:
-                bursts.append(got[s.name])
-                print(json.dumps(got[s.name].summary()), flush=True)
-            diff, tied = compare_greedy(got["plain"], got["specplug"], requests,
-                                        allow_ties=args.engine == "sglang")
-            mismatches += [{"burst": b + 1, **d} for d in diff]
-            ties += [{"burst": b + 1, **d} for d in tied]
-        accepted = servers[1].metric("vllm:spec_decode_num_accepted_tokens_total")
-        drafted = servers[1].metric("vllm:spec_decode_num_draft_tokens_total")
-    finally:
-        codes = {s.name: s.stop() for s in servers}
+    for b, (plain, spec_b) in enumerate(zip(got["plain"], got["specplug"])):
+        bursts += [plain, spec_b]
+        diff, tied = compare_greedy(plain, spec_b, requests, allow_ties=args.engine == "sglang")
+        mismatches += [{"burst": b + 1, **d} for d in diff]
+        ties += [{"burst": b + 1, **d} for d in tied]
     return _report(args, requests, bursts, mismatches, ties, codes, accepted, drafted)
 
 
@@ -553,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="vLLM: the --speculative-config of the specplug server; SGLang: "
                              "its SPECPLUG_SGLANG_CONFIG (defaults: DEFAULT_SPEC, "
                              "DEFAULT_SGLANG_SPEC)")
+    parser.add_argument("--servers", choices=("together", "one-at-a-time"), default=None,
+                        help="together (vLLM's default): both servers up, bursts A/B then B/A; "
+                             "one-at-a-time (SGLang's default: two SGLang CPU servers side by "
+                             "side starve each other): all of plain's bursts, then specplug's")
     parser.add_argument("--out", default="benchmarks/results/smollm2-135m-vllm-load")
     args = parser.parse_args(argv)
     doc = run(args)

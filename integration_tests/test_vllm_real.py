@@ -466,7 +466,7 @@ def test_load_script_small_bursts_identical_no_failures(tmp_path):
     spec.loader.exec_module(load)
     doc = load.run(load.argparse.Namespace(
         engine="vllm", model="smollm2-135m", requests=16, bursts=2, max_tokens=24,
-        disconnects=2, timeout=300.0, spec=None, out=str(tmp_path)))
+        disconnects=2, timeout=300.0, spec=None, servers=None, out=str(tmp_path)))
     assert doc["mismatches"] == []
     assert doc["checks"] == {k: True for k in doc["checks"]}, doc["bursts"]
     assert doc["spec_decode"]["accepted"] > 0
