@@ -223,11 +223,21 @@ class BatchedCost:
         one token per row. Before ``base`` has timed two sizes its prior slope is a lone
         request's, so it is read per row: scaled to the batch it would stop all drafting, and
         with it the timings of other sizes that would correct it (on a GPU, for good)."""
-        if self.base.target.line() is None:
+        fit = self.base.target.line()
+        if fit is None:
             return self.base.relative(n_tokens)
         drafting = self.rows if self.drafting is None else self.drafting
-        return (self.base.relative(self.rows + drafting * (n_tokens - 1))
-                / self.base.relative(self.rows))
+        scored = self.rows + drafting * (n_tokens - 1)
+        ratio = self.base.relative(scored) / self.base.relative(self.rows)
+        # At a batch's scale the sizes read lie among timings of a few samples each, taken
+        # while rows come and go: their medians may fall with size (seen on vLLM beside a busy
+        # process: 64 scored tokens at 2.4 s, 68 at 0.27 s), and a ratio below the fitted line's, or below 1, would make
+        # drafting look free. A draft token costs at least what the line says it does.
+        intercept, slope = fit
+        plain = intercept + max(slope, 0.0) * self.rows
+        if plain > 0:
+            ratio = max(ratio, (intercept + max(slope, 0.0) * scored) / plain)
+        return max(ratio, 1.0)
 
     def draft_per_token(self) -> float:
         """One more draft depth for the whole batch (``base``'s draft curve is timed per
@@ -246,8 +256,10 @@ class BatchedCost:
             self._steps, self._steps_version = {}, version
         cost = self._steps.get(depth)
         if cost is None:
-            cost = self._steps[depth] = (self.relative(1 + depth)
-                                         + self.draft_per_token() * depth)
+            # never cheaper than a shallower draft (the sizes between may be read from noise)
+            cost = self._steps[depth] = max(
+                self.relative(1 + depth) + self.draft_per_token() * depth,
+                self.step_cost(depth - 1) if depth > 0 else 0.0)
         return cost
 
 

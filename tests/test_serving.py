@@ -8,6 +8,7 @@ import torch
 from tiny_models import admit, cpu_cost_curve, reference_greedy, repetitive_prompts, tiny_llama
 
 from specplug.adapters.vllm import PROPOSER, fixed_cpu_expand, translate_speculative_config
+from specplug.budget import best_depth
 from specplug.config import SpecConfig
 from specplug.cost import BatchedCost, CostModel
 from specplug.serving import ChainProposer
@@ -425,6 +426,32 @@ def test_batched_cost_prices_a_rows_tokens_at_the_batch_scale():
     fresh.observe(8, 0.1)
     for d in range(5):
         assert BatchedCost(fresh, 8).step_cost(d) == pytest.approx(fresh.step_cost(d))
+
+
+def test_batched_cost_never_reads_a_draft_as_free_from_noisy_timings():
+    """At a batch's scale the sizes read lie among few, noisy timings: here 64 scored tokens
+    timed slow and 70 and 96 fast, so the interpolated curve falls with size. A row's draft is
+    still priced at least at the fitted line's slope, at least a plain step, and never less
+    than a shallower draft."""
+    cost = _linear_cost(0.02, 0.005)
+    for n, t in ((64, 0.60), (70, 0.30), (96, 0.33)):  # noise: 64 dear, 70 and 96 cheap
+        for _ in range(5):
+            cost.observe(n, t)
+    assert cost.relative(70) < cost.relative(64)  # the raw curve falls here
+    intercept, slope = cost.target.line()
+    for drafting in (None, 6):
+        batch = BatchedCost(cost, 64, drafting=drafting)
+        k = 64 if drafting is None else drafting
+        steps = [batch.step_cost(d) for d in range(5)]
+        assert steps[0] == pytest.approx(1.0)
+        for d in range(1, 5):
+            line = (intercept + slope * (64 + k * d)) / (intercept + slope * 64)
+            assert steps[d] >= max(line, steps[d - 1]) > 1.0
+    # 64 rows drafting alike, each draft token most of a row's cost: a 0.6 rate does not pay
+    # there, though read from the falling curve it would; the same rate pays for a lone request
+    assert best_depth(0.6, 4, BatchedCost(cost, 64)) == 0
+    assert cost.relative(64 + 64) / cost.relative(64) < 1.0  # the raw reading: free
+    assert best_depth(0.6, 4, BatchedCost(cost, 1)) > 0
 
 
 def test_chain_proposer_drafts_shorter_chains_in_a_batch_on_a_steep_curve():
