@@ -3,10 +3,11 @@
 Two servers on 127.0.0.1: the engine without speculation, and the same engine with specplug;
 side by side with the bursts interleaved (``--servers together``, vLLM's default), or one after
 the other (``--servers one-at-a-time``, SGLang's default: two SGLang CPU servers side by side
-made no progress in 9 minutes here). ``--engine vllm`` (default): vLLM, with ``--speculative-config '{"method":
-"specplug", ...}'``. ``--engine sglang``: SGLang's CPU build (bfloat16), with
-``--speculative-algorithm SPECPLUG`` and the options in ``SPECPLUG_SGLANG_CONFIG``. Each gets the same bursts (together, the
-order alternates from burst to burst): ``--requests`` concurrent chat requests (first turns of
+once made no progress in 9 minutes). ``--engine vllm`` (default): vLLM, with
+``--speculative-config '{"method": "specplug", ...}'``. ``--engine sglang``: SGLang's CPU
+build (bfloat16), with ``--speculative-algorithm SPECPLUG`` and the options in
+``SPECPLUG_SGLANG_CONFIG``. Each gets the same bursts (side by side, the order alternates from
+burst to burst): ``--requests`` concurrent chat requests (first turns of
 ``benchmarks/prompts.jsonl``, so prompt lengths are mixed; greedy and sampled, streaming and
 not), plus clients that disconnect mid-stream and requests with parameters the speculative
 server must refuse (vLLM: ``min_p``, ``logit_bias``, which it does not support with speculative
@@ -582,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                              "DEFAULT_SGLANG_SPEC)")
     parser.add_argument("--servers", choices=("together", "one-at-a-time"), default=None,
                         help="together (vLLM's default): both servers up, bursts A/B then B/A; "
-                             "one-at-a-time (SGLang's default: two SGLang CPU servers side by "
-                             "side starve each other): all of plain's bursts, then specplug's")
+                             "one-at-a-time (SGLang's default): all of plain's bursts, then "
+                             "specplug's")
     parser.add_argument("--out", default="benchmarks/results/smollm2-135m-vllm-load")
     args = parser.parse_args(argv)
     doc = run(args)

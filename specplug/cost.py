@@ -230,9 +230,10 @@ class BatchedCost:
         scored = self.rows + drafting * (n_tokens - 1)
         ratio = self.base.relative(scored) / self.base.relative(self.rows)
         # At a batch's scale the sizes read lie among timings of a few samples each, taken
-        # while rows come and go: their medians may fall with size (seen on vLLM beside a busy
-        # process: 64 scored tokens at 2.4 s, 68 at 0.27 s), and a ratio below the fitted line's, or below 1, would make
-        # drafting look free. A draft token costs at least what the line says it does.
+        # while rows come and go: their medians may fall with size (seen on vLLM beside a
+        # busy process: 64 scored tokens at 2.4 s, 68 at 0.27 s), and a ratio below the
+        # fitted line's, or below 1, would make drafting look free. A draft token costs at
+        # least what the line says it does.
         intercept, slope = fit
         plain = intercept + max(slope, 0.0) * self.rows
         if plain > 0:
