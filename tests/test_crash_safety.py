@@ -26,8 +26,12 @@ import specplug
 from specplug import files
 
 CHILD = textwrap.dedent('''
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
+
+    # SIGINT as at a terminal: a shell that starts a job in the background (``cmd &``, as CI
+    # runners and nohup do) hands it SIGINT ignored, and Python then never raises it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     what, cache, log = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     slow = float(sys.argv[4])
