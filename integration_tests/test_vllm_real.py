@@ -347,7 +347,8 @@ def test_cpu_sampling_fix_makes_sampled_speculation_sane():
 
 KERNEL_CHECK = """
 import json, sys, torch
-import vllm._C  # loads torch.ops._C
+from vllm.platforms import current_platform
+current_platform.import_kernels()  # vLLM's own pick of _C for this CPU: AVX2, AVX512 or AMX
 from vllm.utils import cpu_triton_utils
 from specplug.adapters.vllm import fixed_cpu_expand
 dt = getattr(torch, sys.argv[1])
@@ -448,6 +449,9 @@ def test_openai_server_burst_identical_and_clean_shutdown(tmp_path):
     assert rc == 0, output[-4000:]
 
 
+SHUTDOWN_MARKER = "[shutdown] API server: shutdown triggered"  # vLLM 0.32's first shutdown line
+
+
 def test_load_script_small_bursts_identical_no_failures(tmp_path):
     """``benchmarks/serve_load.py`` at CI size: two real servers (plain and specplug), two bursts
     of 16 concurrent requests (greedy and sampled, streamed and not), clients that disconnect
@@ -472,6 +476,11 @@ def test_load_script_small_bursts_identical_no_failures(tmp_path):
     assert doc["spec_decode"]["accepted"] > 0
     assert all(r["refused_status"] == [400, 400] for r in doc["bursts"]
                if r["server"] == "specplug")
-    for name in ("plain", "specplug"):
-        assert "Traceback" not in (tmp_path / f"server-{name if name == 'plain' else 'spec'}.log"
-                                   ).read_text()
+    for name in ("plain", "spec"):
+        log = (tmp_path / f"server-{name}.log").read_text()
+        served, marker, _ = log.partition(SHUTDOWN_MARKER)
+        assert marker, f"server-{name}.log never logged {SHUTDOWN_MARKER!r}:\n{log[-4000:]}"
+        # Nothing went wrong while serving. After the marker, vLLM 0.32's abort shutdown (timeout
+        # 0 s) force-kills its engine core and may log EngineDeadError from its output handler,
+        # in the plain server too; the script's exit-status check covers the shutdown itself.
+        assert "Traceback" not in served, served[-4000:]
