@@ -165,17 +165,23 @@ SHIPPED_HEADS = [(m, k) for m in ("smollm2-135m", "gemma3-270m") for k in ("eagl
 @pytest.mark.parametrize("name, kind", SHIPPED_HEADS, ids=[f"{m}-{k}" for m, k in SHIPPED_HEADS])
 def test_shipped_heads_identical_and_accepted(name, kind):
     """The heads shipped in the package load for their target with no options, stay
-    token-identical to greedy on a batch with a chain and a dynamic tree, and get drafts
-    accepted on real text."""
+    token-identical to greedy on a batch with a chain and a dynamic tree (adaptive, as shipped,
+    and at a fixed depth), and get drafts accepted on real text. Acceptance is read at the fixed
+    depth: the adaptive budget stops drafting where this CPU's cost curve says misses do not pay
+    (on an AVX2 EPYC it drafted nothing for Gemma's clover head after its first misses), which
+    says nothing about the head."""
     model, tok = real_model(name)
     ids, mask = batch(tok, PROMPTS)
     want = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
     accepted = 0.0
     for tree in ({"tree": "chain"}, {"tree": "dynamic", "tree_budget": 8}):
-        got, stats = sh.generate(model, ids, mask, max_new_tokens=32, do_sample=False,
-                                 method=kind, return_stats=True, **tree)
-        assert torch.equal(got, want)
-        accepted = max(accepted, stats.mean_accepted_tokens)
+        for adaptive in (True, False):
+            got, stats = sh.generate(model, ids, mask, max_new_tokens=32, do_sample=False,
+                                     method=kind, return_stats=True, adaptive=adaptive,
+                                     **tree)
+            assert torch.equal(got, want), (tree, adaptive)
+            if not adaptive:
+                accepted = max(accepted, stats.mean_accepted_tokens)
     assert accepted > 1.0
 
 
