@@ -299,6 +299,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from specplug.bench.prompts import load_questions
+    from specplug.drafters.trained_heads import shipped_head
+    from specplug.heads.checkpoint import load_head
+    from specplug.models import load_model, resolve_model_dir
+    from specplug.train.evaluation import evaluate_head, evaluation_markdown
+
+    questions = load_questions(args.prompts, limit=args.limit, categories=args.categories)
+    prompts = [q.turns[0] for q in questions]
+    head = args.checkpoint or shipped_head(str(resolve_model_dir(args.model)), args.drafter)
+    net = load_head(head)
+    if net.config.kind != args.drafter:
+        raise ValueError(f"--checkpoint {head} holds a {net.config.kind!r} head, not "
+                         f"{args.drafter!r}; pass --drafter {net.config.kind}")
+    model, tokenizer = load_model(args.model)
+    net.bind(model.get_input_embeddings(), model.get_output_embeddings().weight)
+    result = evaluate_head(model, tokenizer, net, prompts, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, acceptance_prompts=args.acceptance_prompts)
+    result.update({"model": str(args.model), "drafter": args.drafter, "checkpoint": str(head),
+                   "prompts_file": str(args.prompts), "max_new_tokens": args.max_new_tokens})
+    title = f"{args.drafter} head for {args.model} on {Path(args.prompts).name} (first turns)"
+    text = evaluation_markdown(result, title)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "evaluation.md").write_text(text)
+    print(text, end="")
+    return 0
+
+
 def _float_list(text: str) -> tuple[float, ...]:
     parse = _float_in(0.0, 2.0)
     try:
@@ -472,6 +506,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "training state)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="a trained head on prompts it was not trained on: "
+                                        "top-1/top-5 by depth and measured acceptance")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--drafter", required=True, choices=("medusa", "clover", "clover2", "eagle"),
+                   help="the head kind")
+    e.add_argument("--checkpoint", default=None,
+                   help="the head folder (default: the head shipped for --model)")
+    e.add_argument("--prompts", default=BENCHMARK_PROMPTS,
+                   help="JSONL in the MT-bench question format (each question's first turn)")
+    e.add_argument("--limit", type=_int_at_least(1), default=None,
+                   help="first N questions per category")
+    e.add_argument("--categories", nargs="*", default=None)
+    e.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, help="per answer")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=8,
+                   help="rows the target answers at once")
+    e.add_argument("--acceptance-prompts", type=_int_at_least(1), default=8,
+                   help="prompts the real speculative generation runs on")
+    e.add_argument("--out", default=None, help="folder for evaluation.json and evaluation.md")
+    e.set_defaults(func=_cmd_evaluate)
 
     d = sub.add_parser("data", help="build training data at scale: the target's batched "
                                     "responses and teacher-forced features, in resumable "

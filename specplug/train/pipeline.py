@@ -177,14 +177,16 @@ def _build_dataset(model: Any, tokenizer: Any, ds: DataSettings, prompts: list[s
 def measure_acceptance(model: Any, net: Any, examples: list[Example], depth: int,
                        count: int = 8, max_new_tokens: int = 64,
                        inputs: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """Real speculative generation (greedy, chain of ``depth``) from the prompts of held-out
-    examples: mean accepted draft tokens per step, and tokens per target forward.
+    """Real speculative generation (greedy, chain of ``depth``, the adaptive budget off so it
+    measures the head, not this machine's cost curve) from the prompts of held-out examples:
+    mean accepted draft tokens per step, and tokens per target forward.
     ``inputs``: per example, a vision-language target's image inputs (``pixel_values``...)."""
     from specplug.config import SpecConfig
     from specplug.engine import ModelTargetRunner, Speculator, speculative_generate
 
     spec = Speculator.from_config(SpecConfig(method=net.config.kind, checkpoint=net,
-                                             num_speculative_tokens=depth), model)
+                                             num_speculative_tokens=depth, adaptive=False),
+                                  model)
     accepted, steps, tokens, forwards = 0, 0, 0, 0
     for i, ex in enumerate(examples[:count]):
         prompt = ex.ids[: max(1, ex.prompt_len)][None]

@@ -98,7 +98,11 @@ def make_batches(examples: list[Example], batch_size: int, max_len: int, rng: ra
     return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
-def _collate(batch: list[tuple[Example, int, int]]) -> dict[str, torch.Tensor]:
+def _collate(batch: list[tuple[Example, int, int]], responses_only: bool = False
+             ) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of a batch of windows. ``responses_only``: a ``scored [B, T]`` mask
+    too, true from each example's last prompt position on (where a drafter drafts from), which
+    ``head_loss`` then counts its accuracy over (its loss is over every position)."""
     T = max(e - s for _, s, e in batch)
     B = len(batch)
     ex0 = batch[0][0]
@@ -116,6 +120,9 @@ def _collate(batch: list[tuple[Example, int, int]]) -> dict[str, torch.Tensor]:
         out["top_ids"][r, :n] = ex.top_ids[s:e]
         out["top_probs"][r, :n] = ex.top_probs[s:e].float()
         out["valid"][r, :n] = True
+    if responses_only:
+        pos = torch.arange(T)
+        out["scored"] = torch.stack([pos + s >= ex.prompt_len - 1 for ex, s, _ in batch])
     return out
 
 
@@ -164,21 +171,24 @@ def head_loss(net: DraftNet, batch: dict[str, torch.Tensor], settings: TrainSett
         with torch.no_grad():
             top5 = lg.topk(min(5, lg.shape[-1]), -1).indices
             lab = label[:, :, None]
-            stats[d] = [float(((top5[..., :1] == lab).any(-1) & ok).sum()),
-                        float(((top5 == lab).any(-1) & ok).sum()), float(ok.sum())]
+            counted = ok & batch["scored"][:, :n] if "scored" in batch else ok
+            stats[d] = [float(((top5[..., :1] == lab).any(-1) & counted).sum()),
+                        float(((top5 == lab).any(-1) & counted).sum()), float(counted.sum())]
     return total, stats
 
 
 @torch.no_grad()
 def evaluate(net: DraftNet, examples: list[Example], settings: TrainSettings,
-             to_draft: torch.Tensor) -> dict[str, Any]:
-    """Teacher-forced held-out accuracy per depth: top-1 and top-5 of the target's argmax."""
+             to_draft: torch.Tensor, responses_only: bool = False) -> dict[str, Any]:
+    """Teacher-forced held-out accuracy per depth: top-1 and top-5 of the target's argmax
+    (over positions whose label is in the draft vocabulary). ``responses_only``: count only
+    positions from each example's last prompt token on, those a drafter drafts from."""
     net.eval()
     acc: dict[int, list[float]] = {}
     loss_sum, batches = 0.0, 0
     for batch in make_batches(examples, settings.batch_size, settings.max_len,
                               random.Random(0)):
-        loss, stats = head_loss(net, _collate(batch), settings, to_draft)
+        loss, stats = head_loss(net, _collate(batch, responses_only), settings, to_draft)
         loss_sum += float(loss)
         batches += 1
         for d, (c1, c5, n) in stats.items():
