@@ -130,8 +130,12 @@ def test_evaluate_head_on_unseen_prompts_sees_training(llama, examples):
     assert after["top1"][1] > before["top1"][1]
     assert (after["acceptance"]["mean_accepted_per_step"]
             > before["acceptance"]["mean_accepted_per_step"])
+    assert after["depth"] == 3
     with pytest.raises(ValueError, match="at least one prompt"):
         evaluate_head(llama, tok, net, [])
+    eagle = evaluate_head(llama, tok, _net("eagle", llama), prompts[:1], max_new_tokens=8,
+                          acceptance_prompts=1)
+    assert eagle["depth"] == 3  # as trained (num_heads), not the 64 EAGLE could chain
 
 
 def test_training_resumes_from_its_state(tmp_path, llama, examples):

@@ -2,10 +2,10 @@
 
 The target answers each prompt greedily (chat-formatted like ``specplug run``); its answers are
 teacher-forced through the head for top-1 / top-5 of the target's argmax by depth, counted over
-the answer positions only; and a real speculative generation at the head's full depth, with the
-adaptive budget off, gives the mean accepted draft tokens per step. Coverage is the share of
-the target's answer tokens inside the head's draft vocabulary: a token outside it can never be
-drafted, and top-1 is read over the covered ones.
+the answer positions only; and a real speculative generation at the depth the head was trained
+for (``num_heads``), with the adaptive budget off, gives the mean accepted draft tokens per step.
+Coverage is the share of the target's answer tokens inside the head's draft vocabulary: a token
+outside it can never be drafted, and top-1 is read over the covered ones.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def evaluate_head(model: Any, tokenizer: Any, net: Any, prompts: list[str], *,
     on the target's greedy answers to ``prompts``.
 
     Returns ``{"prompts", "answer_tokens", "coverage", "top1": {depth: float}, "top5": {...},
-    "acceptance": {"mean_accepted_per_step", "tokens_per_forward", "prompts"}}``.
+    "depth", "acceptance": {"mean_accepted_per_step", "tokens_per_forward", "prompts"}}``;
+    ``depth`` is the chain the acceptance run drafts.
     """
     from specplug.train.pipeline import measure_acceptance
 
@@ -50,10 +51,10 @@ def evaluate_head(model: Any, tokenizer: Any, net: Any, prompts: list[str], *,
     argmax = torch.cat([ex.top_ids[ex.prompt_len - 1:-1, 0] for ex in examples])
     acc = evaluate(net, examples, TrainSettings.for_kind(net.config.kind), to_draft,
                    responses_only=True)
-    depth = net.max_depth
+    depth = min(net.config.num_heads, net.max_depth)  # EAGLE could chain 64 deep: as trained
     return {"prompts": len(seqs), "answer_tokens": int(sum(len(q.response) for q in seqs)),
             "coverage": float((to_draft[argmax] >= 0).float().mean()) if argmax.numel() else 0.0,
-            "top1": acc["top1"], "top5": acc["top5"],
+            "top1": acc["top1"], "top5": acc["top5"], "depth": depth,
             "acceptance": measure_acceptance(model, net, examples, depth,
                                              count=acceptance_prompts,
                                              max_new_tokens=max_new_tokens)}
@@ -65,7 +66,7 @@ def evaluation_markdown(r: dict[str, Any], title: str) -> str:
     lines = [f"# {title}", "",
              f"- prompts: {r['prompts']}, answer tokens: {r['answer_tokens']}",
              f"- the target's answer tokens inside the draft vocabulary: {r['coverage']:.3f}",
-             f"- mean accepted draft tokens per step (greedy chain, fixed depth, "
+             f"- mean accepted draft tokens per step (greedy chain, fixed depth {r['depth']}, "
              f"{a['prompts']} prompts): {a['mean_accepted_per_step']:.2f}; tokens per target "
              f"forward {a['tokens_per_forward']:.2f}", "",
              "| depth | top-1 | top-5 |", "| --- | --- | --- |"]
