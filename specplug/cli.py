@@ -305,6 +305,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from specplug.bench.prompts import load_questions
     from specplug.drafters.trained_heads import shipped_head
+    from specplug.files import atomic_write_text
     from specplug.heads.checkpoint import load_head
     from specplug.models import load_model, resolve_model_dir
     from specplug.train.evaluation import evaluate_head, evaluation_markdown
@@ -327,8 +328,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "evaluation.md").write_text(text)
+        atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "evaluation.md", text)
     print(text, end="")
     return 0
 

@@ -51,12 +51,14 @@ def evaluate_head(model: Any, tokenizer: Any, net: Any, prompts: list[str], *,
     argmax = torch.cat([ex.top_ids[ex.prompt_len - 1:-1, 0] for ex in examples])
     acc = evaluate(net, examples, TrainSettings.for_kind(net.config.kind), to_draft,
                    responses_only=True)
+    # evenly over the prompts, not the first few: a prompt file is usually ordered by category
+    step = max(1, len(examples) // acceptance_prompts)
+    spread = examples[::step][:acceptance_prompts]
     depth = min(net.config.num_heads, net.max_depth)  # EAGLE could chain 64 deep: as trained
     return {"prompts": len(seqs), "answer_tokens": int(sum(len(q.response) for q in seqs)),
             "coverage": float((to_draft[argmax] >= 0).float().mean()) if argmax.numel() else 0.0,
             "top1": acc["top1"], "top5": acc["top5"], "depth": depth,
-            "acceptance": measure_acceptance(model, net, examples, depth,
-                                             count=acceptance_prompts,
+            "acceptance": measure_acceptance(model, net, spread, depth, count=len(spread),
                                              max_new_tokens=max_new_tokens)}
 
 
