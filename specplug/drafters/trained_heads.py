@@ -220,14 +220,19 @@ class HeadDrafter(Drafter):
         """Distillation on one window of committed positions: the offline trainer's
         ``head_loss`` with soft cross-entropy on the target's top-k and cross-entropy on its
         argmax at every depth (the per-kind depth decay; no feature regression, no noise)."""
-        from specplug.train.trainer import Example, TrainSettings, _collate, head_loss
+        from specplug.train.trainer import (
+            Example,
+            TrainSettings,
+            _collate,
+            draft_index,
+            head_loss,
+        )
 
         if window.features is None:
             raise RuntimeError(f"test-time training of {self.name!r} needs the target's "
                                "hidden features at the committed positions")
         if self._online is None:
-            to_draft = torch.full((self.vocab_size,), -1, dtype=torch.long)
-            to_draft[self.net.draft_vocab] = torch.arange(self.net.draft_vocab.numel())
+            to_draft = draft_index(self.net)
             settings = TrainSettings.for_kind(self.net.config.kind, kd_weight=1.0,
                                               hard_weight=1.0, reg_weight=0.0,
                                               feature_noise=0.0)

@@ -162,6 +162,12 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Iterable[str],
     return [Sequence(p, r) for p, r in zip(encoded, outs) if r]
 
 
+def feature_batch_size(model: Any) -> int:
+    """Sequences per teacher-forcing forward: each holds full-vocabulary logits for every
+    position, so a 262k-vocabulary target (Gemma-3) takes 2 at a time, others 8."""
+    return 8 if model.config.get_text_config().vocab_size < 100_000 else 2
+
+
 @torch.no_grad()
 def extract_features(model: Any, sequences: list[Sequence], hidden_layers: list[int],
                      topk: int = 16, batch_size: int = 8,

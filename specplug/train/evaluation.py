@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from specplug.train.data import extract_features, generate_responses
-from specplug.train.trainer import Example, TrainSettings, evaluate
+from specplug.train.data import extract_features, feature_batch_size, generate_responses
+from specplug.train.trainer import Example, TrainSettings, draft_index, evaluate
 
 __all__ = ["evaluate_head", "evaluation_markdown"]
 
@@ -39,14 +39,11 @@ def evaluate_head(model: Any, tokenizer: Any, net: Any, prompts: list[str], *,
     if not seqs:
         raise ValueError(f"the target answered none of the {len(prompts)} prompts (every answer "
                          "was empty): nothing to evaluate the head on")
-    vocab = model.config.get_text_config().vocab_size
     feats = extract_features(model, seqs, list(net.config.hidden_layers), topk=16,
-                             batch_size=8 if vocab < 100_000 else 2)
+                             batch_size=feature_batch_size(model))
     examples = [Example(torch.tensor(q.ids), f["features"], f["top_ids"], f["top_probs"],
                         len(q.prompt)) for q, f in zip(seqs, feats)]
-    V = net.config.vocab_size
-    to_draft = torch.full((V,), -1, dtype=torch.long)
-    to_draft[net.draft_vocab] = torch.arange(net.draft_vocab.numel())
+    to_draft = draft_index(net)
     # the target's argmax at each answer-predicting position: the last prompt token on
     argmax = torch.cat([ex.top_ids[ex.prompt_len - 1:-1, 0] for ex in examples])
     acc = evaluate(net, examples, TrainSettings.for_kind(net.config.kind), to_draft,

@@ -31,6 +31,7 @@ from specplug.train.data import (
     Sequence,
     expand_prompts,
     extract_features,
+    feature_batch_size,
     generate_responses,
     load_prompts,
 )
@@ -148,9 +149,8 @@ def _build_dataset(model: Any, tokenizer: Any, ds: DataSettings, prompts: list[s
             break
     bar.close()
     bar = _Bar(len(seqs), "target features", progress)
-    vocab = model.config.get_text_config().vocab_size  # full-vocabulary logits per batch
     feats = extract_features(model, seqs, list(ds.hidden_layers), ds.topk,
-                             batch_size=8 if vocab < 100_000 else 2, progress=bar)
+                             batch_size=feature_batch_size(model), progress=bar)
     bar.close()
     examples = [Example(torch.tensor(q.ids), f["features"], f["top_ids"], f["top_probs"],
                         len(q.prompt)) for q, f in zip(seqs, feats)]

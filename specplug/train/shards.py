@@ -204,7 +204,13 @@ def _unit_tensors(model: Any, tokenizer: Any, prompts: list[str], indices: list[
     """Generate the unit's responses and teacher-force them; the shard's tensors and the
     number of response tokens."""
     from specplug.models import encode_conversation
-    from specplug.train.data import Sequence, _eos_and_pad, _generate, extract_features
+    from specplug.train.data import (
+        Sequence,
+        _eos_and_pad,
+        _generate,
+        extract_features,
+        feature_batch_size,
+    )
 
     encoded = [encode_conversation(tokenizer, [{"role": "user", "content": prompts[i]}])
                for i in indices]
@@ -216,9 +222,8 @@ def _unit_tensors(model: Any, tokenizer: Any, prompts: list[str], indices: list[
     timer["generate"] += time.perf_counter() - started
     seqs = [(i, Sequence(p, r)) for i, p, r in zip(indices, encoded, outs) if r]
     started = time.perf_counter()
-    vocab = model.config.get_text_config().vocab_size  # full-vocabulary logits per batch
     feats = extract_features(model, [q for _, q in seqs], list(settings.hidden_layers),
-                             settings.topk, batch_size=8 if vocab < 100_000 else 2)
+                             settings.topk, batch_size=feature_batch_size(model))
     timer["prefill"] += time.perf_counter() - started
     starts = torch.tensor([0, *itertools.accumulate(len(q.ids) for _, q in seqs)],
                           dtype=torch.int64)

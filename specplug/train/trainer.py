@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from specplug.files import building_dir
 from specplug.heads.nets import DraftNet
 
-__all__ = ["TrainSettings", "Example", "build_draft_vocab", "make_batches", "head_loss",
+__all__ = ["TrainSettings", "Example", "build_draft_vocab", "draft_index", "make_batches", "head_loss",
            "evaluate", "train_head", "save_state", "load_state"]
 
 
@@ -72,6 +72,13 @@ class Example:
     top_ids: torch.Tensor
     top_probs: torch.Tensor
     prompt_len: int = 0
+
+
+def draft_index(net: DraftNet) -> torch.Tensor:
+    """``[V]`` int64: each target id's index in ``net``'s draft vocabulary, -1 outside it."""
+    to_draft = torch.full((net.config.vocab_size,), -1, dtype=torch.long)
+    to_draft[net.draft_vocab] = torch.arange(net.draft_vocab.numel())
+    return to_draft
 
 
 def build_draft_vocab(examples: list[Example], vocab_size: int, size: int) -> torch.Tensor:
@@ -265,9 +272,7 @@ def _train(net: DraftNet, train: list[Example], heldout: list[Example],
            settings: TrainSettings, state_dir: Path | None,
            progress: Callable[[int, int, float], None] | None) -> TrainResult:
     torch.manual_seed(settings.seed)
-    V = net.config.vocab_size
-    to_draft = torch.full((V,), -1, dtype=torch.long)
-    to_draft[net.draft_vocab] = torch.arange(net.draft_vocab.numel())
+    to_draft = draft_index(net)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     per_epoch = len(make_batches(train, settings.batch_size, settings.max_len,
